@@ -1,0 +1,92 @@
+"""Fused pure-torch forward over the processed weights, batched and chunked.
+
+The TransformerLens bridge stays the reference (and the tool for hooks); bulk
+evaluation goes through `Evaluator`, which tests hold to |Δlogit| ≤ 1e-3 of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import AdvsearchError
+from .model import Weights
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AdvsearchError("--device cuda asked for, but no CUDA device is available")
+    if device not in ("cpu", "cuda"):
+        raise AdvsearchError(f"unknown device {device!r} (use auto, cpu or cuda)")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class FusedWeights:
+    """Weights packed for the fused forward: one QKV matrix and one output matrix per layer."""
+
+    W_E: torch.Tensor  # [vocab, d]
+    W_pos: torch.Tensor  # [n_ctx, d]
+    W_qkv: torch.Tensor  # [layer, d, 3*heads*d_head]
+    b_qkv: torch.Tensor  # [layer, 3*heads*d_head]
+    W_out: torch.Tensor  # [layer, heads*d_head, d]
+    b_out: torch.Tensor  # [layer, d]
+    W_U: torch.Tensor
+    b_U: torch.Tensor
+    n_heads: int
+    d_head: int
+    eps: float
+
+    @classmethod
+    def pack(cls, w: Weights, device: torch.device) -> "FusedWeights":
+        n_layers, n_heads, d_model, d_head = w.W_Q.shape
+
+        def heads_to_cols(m: torch.Tensor) -> torch.Tensor:  # [L,H,d,dh] -> [L,d,H*dh]
+            return m.permute(0, 2, 1, 3).reshape(n_layers, d_model, n_heads * d_head)
+
+        W_qkv = torch.cat([heads_to_cols(w.W_Q), heads_to_cols(w.W_K), heads_to_cols(w.W_V)], -1)
+        b_qkv = torch.cat([b.reshape(n_layers, -1) for b in (w.b_Q, w.b_K, w.b_V)], -1)
+        W_out = w.W_O.reshape(n_layers, n_heads * d_head, d_model)
+        t = lambda x: x.to(device=device, dtype=torch.float32).contiguous()  # noqa: E731
+        return cls(t(w.W_E), t(w.W_pos), t(W_qkv), t(b_qkv), t(W_out), t(w.b_O), t(w.W_U), t(w.b_U),
+                   n_heads, d_head, w.eps)
+
+
+def fused_forward(fw: FusedWeights, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits [batch, seq, vocab] for token ids [batch, seq] (already on fw's device)."""
+    batch, seq = tokens.shape
+    h, dh = fw.n_heads, fw.d_head
+    x = fw.W_E[tokens] + fw.W_pos[:seq]
+    for layer in range(fw.W_qkv.shape[0]):
+        xn = F.layer_norm(x, x.shape[-1:], eps=fw.eps)
+        qkv = torch.addmm(fw.b_qkv[layer], xn.reshape(-1, xn.shape[-1]), fw.W_qkv[layer])
+        q, k, v = qkv.view(batch, seq, 3, h, dh).permute(2, 0, 3, 1, 4)
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [b, h, seq, dh]
+        z = z.transpose(1, 2).reshape(batch * seq, h * dh)
+        x = x + torch.addmm(fw.b_out[layer], z, fw.W_out[layer]).view(batch, seq, -1)
+    xn = F.layer_norm(x, x.shape[-1:], eps=fw.eps)
+    return xn @ fw.W_U + fw.b_U
+
+
+class Evaluator:
+    """Runs token batches through the fused forward in chunks on the chosen device."""
+
+    def __init__(self, weights: Weights, device: str = "auto", batch_size: int = 8192):
+        self.device = resolve_device(device)
+        self.batch_size = batch_size
+        self.fused = FusedWeights.pack(weights, self.device)
+
+    @torch.inference_mode()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits for `tokens` [batch, seq], returned on the CPU as float32."""
+        out = [
+            fused_forward(self.fused, chunk.to(self.device, non_blocking=True)).cpu()
+            for chunk in tokens.split(self.batch_size)
+        ]
+        if not out:
+            return torch.empty(0, tokens.shape[1], self.fused.W_U.shape[1])
+        return torch.cat(out)
