@@ -39,8 +39,10 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except AdvsearchError as e:
-            fail(str(e), 2)
-        except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
+            fail(str(e), getattr(e, "exit_code", 2))
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as e:  # unexpected: still one line, exit 1
             fail(f"unexpected {type(e).__name__}: {e}", 1)

@@ -1,0 +1,157 @@
+"""The search loop: strategy -> evaluator -> judge -> (explainer) -> results.
+
+One readable loop; everything it writes survives an interruption, and
+`resume=True` continues from the last finished batch without duplicating rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .errors import AdvsearchError
+from .evaluator import Evaluator
+from .judge import Judged, judge
+from .model import LoadedModel
+from .results import FAILURE_COLUMNS, FailureLog, prepare_dir, read_json, write_json, write_table
+
+EXPLAIN_COLUMNS = ("category", "resp_head_true", "resp_head_pred", "load", "deciding_path", "check")
+
+
+class Interrupted(AdvsearchError):
+    """The run was interrupted; what it found is on disk and `--resume` continues it."""
+
+    exit_code = 130
+
+
+def versions() -> dict:
+    return {"advsearch": __version__, "torch": torch.__version__,
+            "transformer_lens": importlib.metadata.version("transformer-lens"),
+            "python": platform.python_version()}  # fmt: skip
+
+
+def run_identifier(model: LoadedModel, strategy, min_confidence: float) -> str:
+    """A run id that depends only on what determines the results (so reruns are byte-identical)."""
+    key = json.dumps([strategy.name, strategy.params(), model.sha256, min_confidence], sort_keys=True)
+    return f"{strategy.name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def failure_rows(judged: Judged, proposal, log: FailureLog, spec, run_id: str, strategy: str):
+    """One row per failing prefix not written before, in (row, position) order."""
+    rows, seqs = [], judged.tokens.tolist()
+    for b, k in judged.failing().tolist():
+        prefix = spec.decode(seqs[b][: k + 1])
+        if not log.is_new(prefix) or any(r["sequence"] == prefix for r in rows[-8:]):
+            continue
+        rows.append({
+            "run_id": run_id, "strategy": strategy, "sequence": prefix, "position": k,
+            "true": spec.vocab[int(judged.true[b, k])], "predicted": spec.vocab[int(judged.pred[b, k])],
+            "p_true": float(judged.p_true[b, k]), "p_pred": float(judged.p_pred[b, k]),
+            "margin": float(judged.margin[b, k]), "confident": bool(judged.confident[b, k]),
+            **{c: v[b] for c, v in proposal.columns.items()},
+        })  # fmt: skip
+    return rows
+
+
+def run_search(
+    model: LoadedModel,
+    strategy,
+    out_dir: Path | None,
+    evaluator: Evaluator,
+    *,
+    min_confidence: float = 0.5,
+    resume: bool = False,
+    overwrite: bool = False,
+    explainer=None,
+    progress: bool = True,
+) -> dict:
+    """Run `strategy` to completion, writing into `out_dir` (default results/<run id>); returns the summary."""
+    spec, run_id = model.spec, run_identifier(model, strategy, min_confidence)
+    out_dir = Path(out_dir) if out_dir is not None else Path("results") / run_id
+    columns = FAILURE_COLUMNS + strategy.extra_columns + (EXPLAIN_COLUMNS if explainer else ())
+    identity = {"strategy": strategy.name, "params": strategy.params(), "model_sha256": model.sha256,
+                "min_confidence": min_confidence, "columns": list(columns)}  # fmt: skip
+    state_path, csv_path = out_dir / "state.json", out_dir / "failures.csv"
+
+    if resume:
+        if not state_path.exists():
+            raise AdvsearchError(f"nothing to resume in {out_dir} (no state.json)")
+        state = read_json(state_path)
+        if state["identity"] != identity:
+            raise AdvsearchError(f"{out_dir} holds a run with other settings or another model; cannot resume it")
+        if state["finished"]:
+            raise AdvsearchError(f"the run in {out_dir} already finished; nothing to resume")
+        strategy.load_state_dict(state["strategy_state"])
+        counters = state["counters"]
+        log = FailureLog(csv_path, columns, resume_offset=state["csv_bytes"])
+    else:
+        if csv_path.exists() and not overwrite:
+            raise AdvsearchError(f"{out_dir} already holds a run; use --resume to continue it or --overwrite")
+        prepare_dir(out_dir)
+        counters = {"sequences": 0, "positions": 0, "failures": 0, "wall_seconds": 0.0}
+        log = FailureLog(csv_path, columns)
+
+    def summary(status: str) -> dict:
+        wall = counters["wall_seconds"]
+        data = {
+            "run_id": run_id, "status": status, "out_dir": str(out_dir), "model": str(model.path), "model_sha256": model.sha256,
+            "spec": spec.to_dict(), "strategy": strategy.name, "params": strategy.params(),
+            "seed": strategy.params().get("seed"), "min_confidence": min_confidence,
+            "device": str(evaluator.device), "versions": versions(),
+            "sequences": counters["sequences"], "positions": counters["positions"],
+            "failures": counters["failures"], "confident_failures": log.confident,
+            "wall_seconds": round(wall, 3),
+            "sequences_per_second": round(counters["sequences"] / wall, 1) if wall else None,
+            "files": ["failures.csv", *strategy.tables()],
+        }  # fmt: skip
+        for name, rows in strategy.tables().items():
+            write_table(out_dir / name, rows)
+        write_json(out_dir / "summary.json", data)
+        return data
+
+    bar = tqdm(total=strategy.total(), initial=counters["sequences"], unit="seq", desc=strategy.name,
+               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    try:
+        while True:
+            start = time.perf_counter()
+            proposal = strategy.propose()
+            if proposal is None:
+                break
+            logits = evaluator.logits(proposal.tokens)
+            judged = judge(proposal.tokens, logits, spec.qmark, min_confidence, proposal.judge_from)
+            strategy.observe(proposal, judged)
+            rows = failure_rows(judged, proposal, log, spec, run_id, strategy.name)
+            if explainer is not None and rows:
+                items = [(spec.encode(r["sequence"]), r["position"]) for r in rows]
+                for row, expl in zip(rows, explainer.explain_many(items)):
+                    row.update(expl.columns())
+            log.write(rows)
+            counters["sequences"] += len(proposal.tokens)
+            counters["positions"] += int(judged.judged.sum())
+            counters["failures"] += len(rows)
+            counters["wall_seconds"] += time.perf_counter() - start
+            write_json(state_path, {"identity": identity, "finished": False, "csv_bytes": log.offset,
+                                    "counters": counters, "strategy_state": strategy.state_dict()})  # fmt: skip
+            bar.update(len(proposal.tokens))
+            bar.set_postfix(failures=counters["failures"], refresh=False)
+    except KeyboardInterrupt:
+        bar.close()
+        log.close()
+        summary("interrupted")
+        raise Interrupted(
+            f"interrupted after {counters['sequences']} sequences; {counters['failures']} failures kept in "
+            f"{csv_path}; continue with --resume --out {out_dir}"
+        ) from None
+    bar.close()
+    log.close()
+    write_json(state_path, {"identity": identity, "finished": True, "csv_bytes": log.offset,
+                            "counters": counters, "strategy_state": strategy.state_dict()})  # fmt: skip
+    return summary("finished")

@@ -1,0 +1,83 @@
+"""The one interface every search strategy implements.
+
+A strategy is a generator of candidate batches that may learn from verdicts:
+
+    strategy = make_strategy("random", spec, RunConfig(budget=10_000, seed=0))
+    while (proposal := strategy.propose()) is not None:
+        judged = judge(proposal.tokens, evaluator.logits(proposal.tokens), ...)
+        strategy.observe(proposal, judged)       # adaptive strategies learn here
+
+- `propose()` returns the next `Proposal` (token ids [batch, seq], each row
+  starting with `?`, plus which positions to judge and any extra per-row CSV
+  columns), or None when the strategy is finished.
+- `observe()` receives the judged batch. Enumeration and random sampling ignore
+  it; Optuna and local search use it to choose what to propose next.
+- `state_dict()` / `load_state_dict()` capture progress after an observed batch
+  so an interrupted run resumes where it stopped (JSON-serialisable).
+- `tables()` returns extra result tables the strategy accumulates (file name ->
+  rows), e.g. the exhaustive census.
+- `total()` is the number of sequences the strategy will propose, if known
+  (drives the progress bar).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from advsearch.judge import Judged
+from advsearch.spec import ModelSpec
+
+
+@dataclass
+class RunConfig:
+    """Options a strategy may read; each strategy uses the ones it needs."""
+
+    budget: int = 10_000
+    seed: int = 0
+    max_len: int = 5
+    batch_size: int = 4096
+
+
+@dataclass
+class Proposal:
+    """A batch of candidates: token ids [batch, seq], judged at positions >= `judge_from`."""
+
+    tokens: torch.Tensor
+    judge_from: int = 0
+    columns: dict[str, list] = field(default_factory=dict)  # extra per-row CSV columns
+
+
+class Strategy:
+    """Base class: override `propose`; the rest has sensible no-op defaults."""
+
+    name: ClassVar[str] = ""
+    extra_columns: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, spec: ModelSpec, config: RunConfig):
+        self.spec = spec
+        self.config = config
+
+    def params(self) -> dict:
+        """The parameters that determine this strategy's output (recorded in summary.json)."""
+        return {"seed": self.config.seed}
+
+    def total(self) -> int | None:
+        return None
+
+    def propose(self) -> Proposal | None:
+        raise NotImplementedError
+
+    def observe(self, proposal: Proposal, judged: Judged) -> None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+    def tables(self) -> dict[str, list[dict]]:
+        return {}
