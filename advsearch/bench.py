@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import resource
 import time
 
@@ -32,7 +34,8 @@ def run_bench(model: LoadedModel, n: int = 100_000, batch_size: int = 2048, devi
 
     tokens = random_tokens(model.spec, n)
     evaluator = Evaluator(model.weights, device=device, batch_size=batch_size)
-    bridge = model.bridge.to(evaluator.device)
+    with contextlib.redirect_stdout(io.StringIO()):  # the bridge announces device moves on stdout
+        bridge = model.bridge.to(evaluator.device)
     evaluator.logits(tokens[:batch_size])  # warm-up
     bridge(tokens[:batch_size].to(evaluator.device))
     max_diff = float((evaluator.logits(tokens[:1000]) - bridge(tokens[:1000].to(evaluator.device)).cpu()).abs().max())

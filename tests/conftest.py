@@ -1,0 +1,30 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+CHALLENGE = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "first_unique_char_model.pt"
+
+
+@pytest.fixture(scope="session")
+def challenge_path() -> Path:
+    """The original challenge checkpoint; required (not skipped) when CI is set."""
+    if not CHALLENGE.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"challenge checkpoint missing at {CHALLENGE} (required in CI)")
+        pytest.skip("challenge checkpoint not available")
+    return CHALLENGE.resolve()
+
+
+@pytest.fixture(scope="session")
+def challenge(challenge_path):
+    from advsearch.model import load_model
+
+    return load_model(challenge_path)
+
+
+def reference_tokens(n: int = 1000, seed: int = 42) -> torch.Tensor:
+    """The issue's reference batch: torch.manual_seed(seed), `?` then 19 tokens a-j."""
+    torch.manual_seed(seed)
+    return torch.cat([torch.full((n, 1), 10), torch.randint(0, 10, (n, 19))], 1)

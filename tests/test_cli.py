@@ -1,0 +1,129 @@
+import csv
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from advsearch import runner as runner_module
+from advsearch.cli import main
+from advsearch.model import read_state_dict
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(result, code=2):
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("advsearch: error:"), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_random_run_writes_results_and_is_byte_identical(tmp_path, challenge_path):
+    args = ["run", "--strategy", "random", "--budget", 3000, "--seed", 5, "--model", challenge_path, "--quiet"]
+    a = invoke(*args, "--out", tmp_path / "a", "--batch-size", 1000)
+    b = invoke(*args, "--out", tmp_path / "b", "--batch-size", 512)
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    assert (tmp_path / "a/failures.csv").read_bytes() == (tmp_path / "b/failures.csv").read_bytes()
+    found = rows(tmp_path / "a/failures.csv")
+    assert found, "3000 random sequences should expose some failures"
+    assert list(found[0])[:10] == ["run_id", "strategy", "sequence", "position", "true", "predicted",
+                                   "p_true", "p_pred", "margin", "confident"]  # fmt: skip
+    assert len({r["sequence"] for r in found}) == len(found)
+    for r in found:
+        assert r["sequence"][0] == "?" and len(r["sequence"]) == int(r["position"]) + 1
+        assert r["true"] != r["predicted"] and float(r["margin"]) > 0
+    summary = json.loads((tmp_path / "a/summary.json").read_text())
+    assert summary["sequences"] == 3000 and summary["positions"] == 60000
+    assert summary["failures"] == len(found)
+    assert summary["confident_failures"] == sum(r["confident"] == "true" for r in found)
+    assert summary["model_sha256"] and summary["versions"]["transformer_lens"] == "4.3.0"
+    assert "failing prefixes" in a.output and "failures.csv" in a.output
+
+
+def test_interrupted_run_resumes_without_losing_or_duplicating_rows(tmp_path, challenge_path, monkeypatch):
+    args = ["run", "--strategy", "random", "--budget", 4000, "--batch-size", 500, "--model", challenge_path, "--quiet"]
+    assert invoke(*args, "--out", tmp_path / "whole").exit_code == 0
+
+    real_judge, calls = runner_module.judge, {"n": 0}
+
+    def judge_then_interrupt(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_judge(*a, **k)
+
+    monkeypatch.setattr(runner_module, "judge", judge_then_interrupt)
+    interrupted = invoke(*args, "--out", tmp_path / "cut")
+    line = one_line_error(interrupted, code=130)
+    assert "--resume" in line
+    kept = rows(tmp_path / "cut/failures.csv")
+    assert json.loads((tmp_path / "cut/summary.json").read_text())["status"] == "interrupted"
+    assert kept, "rows found before the interruption are on disk"
+    monkeypatch.setattr(runner_module, "judge", real_judge)
+    resumed = invoke(*args, "--out", tmp_path / "cut", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert (tmp_path / "cut/failures.csv").read_bytes() == (tmp_path / "whole/failures.csv").read_bytes()
+    one_line_error(invoke(*args, "--out", tmp_path / "cut", "--resume"))  # already finished
+    one_line_error(invoke(*args, "--out", tmp_path / "cut"))  # would overwrite
+
+
+def test_exhaustive_run_writes_census(tmp_path, challenge_path):
+    out = tmp_path / "ex"
+    r = invoke("run", "--strategy", "exhaustive", "--max-len", 4, "--model", challenge_path, "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    census = rows(out / "census.csv")
+    assert [int(c["prefixes"]) for c in census] == [10, 100, 1000, 10000]
+    assert sum(int(c["failures"]) for c in census) == len(rows(out / "failures.csv"))
+
+
+def test_eval_prints_a_per_position_table(challenge_path):
+    r = invoke("eval", "?acbba", "?cbcbc", "--model", challenge_path)
+    assert r.exit_code == 0, r.output
+    table = r.output.splitlines()
+    assert table[0] == "?acbba" and table[1].split() == ["pos", "in", "true", "pred", "p_pred", "p_true"]
+    assert [line.split()[2] for line in table[2:8]] == list("?aaaac")
+
+
+@pytest.mark.parametrize("seq, message", [
+    ("?abz", "unknown character"),
+    ("abc", "must start with '?'"),
+    ("?" + "a" * 20, "at most 20"),
+    ("", "empty sequence"),
+])  # fmt: skip
+def test_bad_sequences_exit_2_with_one_line(challenge_path, seq, message):
+    assert message in one_line_error(invoke("eval", seq, "--model", challenge_path))
+
+
+def test_bad_checkpoints_and_outputs_exit_2_with_one_line(tmp_path, challenge_path):
+    assert "checkpoint not found" in one_line_error(invoke("eval", "?ab", "--model", tmp_path / "missing.pt"))
+    sd = read_state_dict(challenge_path)
+    sd["unembed.W_U"] = torch.zeros(42, 12)
+    torch.save(sd, tmp_path / "wrong.pt")
+    assert "unembed.W_U has shape [42, 12]" in one_line_error(invoke("eval", "?ab", "--model", tmp_path / "wrong.pt"))
+    (tmp_path / "file").write_text("")
+    line = one_line_error(invoke("run", "--model", challenge_path, "--budget", 10, "--out", tmp_path / "file/sub"))
+    assert "cannot write to output folder" in line
+
+
+def test_bench_reports_both_throughputs(challenge_path):
+    r = invoke("bench", "--model", challenge_path, "--sequences", 2000, "--census-len", 2, "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["bridge_seq_per_s"] > 0 and data["fused_seq_per_s"] > 0 and data["census_prefixes_per_s"] > 0
+    assert data["ratio"] == pytest.approx(data["fused_seq_per_s"] / data["bridge_seq_per_s"], rel=0.05)
+    assert data["max_abs_logit_diff"] <= 1e-3
+
+
+def test_version_and_help():
+    assert invoke("--version").output.startswith("advsearch, version")
+    for cmd in ("run", "eval", "bench", "train"):
+        assert invoke(cmd, "--help").exit_code == 0

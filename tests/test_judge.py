@@ -1,0 +1,30 @@
+import math
+
+import torch
+
+from advsearch.judge import judge
+
+
+def test_judge_fields_on_handmade_logits():
+    toks = torch.tensor([[10, 0, 0]])  # truth: ? a ?
+    logits = torch.zeros(1, 3, 11)
+    logits[0, 0, 10] = 5.0  # right
+    logits[0, 1, 1] = 3.0  # predicts b, truth a
+    logits[0, 2, 0] = 1.0  # predicts a, truth ?, weakly
+    j = judge(toks, logits, qmark=10, min_confidence=0.5)
+    assert j.true.tolist() == [[10, 0, 10]]
+    assert j.pred.tolist() == [[10, 1, 0]]
+    assert j.failure.tolist() == [[False, True, True]]
+    p_b = math.exp(3) / (math.exp(3) + 10)
+    assert math.isclose(float(j.p_pred[0, 1]), p_b, rel_tol=1e-5)
+    assert math.isclose(float(j.p_true[0, 1]), 1 / (math.exp(3) + 10), rel_tol=1e-5)
+    assert math.isclose(float(j.margin[0, 1]), 3.0, rel_tol=1e-6)
+    assert j.confident.tolist() == [[False, True, False]]  # p(a) at pos 2 is e/(e+10) < 0.5
+    assert j.failing().tolist() == [[0, 1], [0, 2]]
+
+
+def test_judge_from_limits_the_judged_positions():
+    toks = torch.tensor([[10, 0, 0]])
+    j = judge(toks, torch.zeros(1, 3, 11), qmark=10, judge_from=2)
+    assert j.judged.tolist() == [[False, False, True]]
+    assert j.failing().tolist() == [[0, 2]]
