@@ -46,7 +46,7 @@ def run_bench(model: LoadedModel, n: int = 100_000, batch_size: int = 2048, devi
 
     def census():
         while (p := strategy.propose()) is not None:
-            strategy.observe(p, judge(p.tokens, evaluator.logits(p.tokens), model.spec.qmark, 0.5, p.judge_from))
+            strategy.observe(p, judge(p.tokens, evaluator.evaluate(p), model.spec.qmark, 0.5, p.judge_from))
 
     census_rate = _rate(census, strategy.total())
     return {

@@ -30,6 +30,8 @@ def _strategy_names() -> list[str]:
               help="Sequences to evaluate (random).")
 @click.option("--max-len", type=click.IntRange(min=1), default=5, show_default=True,
               help="Longest prefix, in tokens after '?' (exhaustive).")
+@click.option("--prefix-sharing/--no-prefix-sharing", default=True, show_default=True,
+              help="Exhaustive: compute each new prefix from its parent's cached keys/values.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default: results/<run-id>).")
@@ -41,7 +43,7 @@ def _strategy_names() -> list[str]:
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in the output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
-def run(strategy, model, budget, max_len, seed, out, device, batch_size, min_confidence, resume, overwrite,
+def run(strategy, model, budget, max_len, prefix_sharing, seed, out, device, batch_size, min_confidence, resume, overwrite,
         quiet) -> None:  # fmt: skip
     """Search for failures with a strategy and write failures.csv and summary.json."""
     from strategies import RunConfig, make_strategy
@@ -53,7 +55,8 @@ def run(strategy, model, budget, max_len, seed, out, device, batch_size, min_con
     if resume and out is None:
         raise click.UsageError("--resume needs --out (the folder of the run to continue)")
     loaded = load_model(model)
-    config = RunConfig(budget=budget, seed=seed, max_len=max_len, batch_size=batch_size)
+    config = RunConfig(budget=budget, seed=seed, max_len=max_len, batch_size=batch_size,
+                       shared_prefixes=prefix_sharing)
     strat = make_strategy(strategy, loaded.spec, config)
     evaluator = Evaluator(loaded.weights, device=device, batch_size=batch_size)
     s = run_search(loaded, strat, out, evaluator, min_confidence=min_confidence, resume=resume,

@@ -79,6 +79,22 @@ class Evaluator:
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.fused = FusedWeights.pack(weights, self.device)
+        self.prefixes = None  # PrefixStore, made on first use
+
+    def evaluate(self, proposal) -> torch.Tensor:
+        """Logits for a strategy's proposal: all positions, or the last one for extension batches."""
+        if proposal.extension:
+            return self.extension_logits(proposal.tokens, proposal.cache)
+        return self.logits(proposal.tokens)
+
+    @torch.inference_mode()
+    def extension_logits(self, tokens: torch.Tensor, cache: bool = False) -> torch.Tensor:
+        """Last-position logits [batch, 1, vocab] of one-letter extensions (see `advsearch.prefix`)."""
+        if self.prefixes is None:
+            from .prefix import PrefixStore
+
+            self.prefixes = PrefixStore(self.fused, self.fused.W_E.shape[0] - 1)
+        return self.prefixes.extension_logits(tokens.to(self.device), cache).unsqueeze(1).cpu()
 
     @torch.inference_mode()
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -35,14 +35,25 @@ def judge(
     min_confidence: float = 0.5,
     judge_from: int = 0,
 ) -> Judged:
-    """Judge positions `judge_from..` of each sequence against the first-unique oracle."""
+    """Judge positions `judge_from..` of each sequence against the first-unique oracle.
+
+    `logits` is [batch, seq, vocab], or [batch, k, vocab] for the last k positions only
+    (as the prefix-sharing evaluator returns); positions without logits are not judged.
+    """
+    batch, seq = tokens.shape
+    first = seq - logits.shape[1]
+    judge_from = max(judge_from, first)
     true = first_unique(tokens, qmark)
     logits = logits.float()
-    probs = logits.softmax(-1)
-    pred = logits.argmax(-1)
+    pred = torch.zeros_like(true)
+    pred[:, first:] = logits.argmax(-1)
+    probs = torch.zeros(batch, seq, logits.shape[-1])
+    probs[:, first:] = logits.softmax(-1)
+    full_logits = torch.zeros_like(probs)
+    full_logits[:, first:] = logits
     p_true = probs.gather(-1, true.unsqueeze(-1)).squeeze(-1)
     p_pred = probs.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
-    margin = logits.gather(-1, pred.unsqueeze(-1)).squeeze(-1) - logits.gather(-1, true.unsqueeze(-1)).squeeze(-1)
+    margin = (full_logits.gather(-1, pred.unsqueeze(-1)) - full_logits.gather(-1, true.unsqueeze(-1))).squeeze(-1)
     judged = torch.zeros_like(true, dtype=torch.bool)
     judged[:, judge_from:] = True
     failure = (pred != true) & judged

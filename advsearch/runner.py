@@ -125,7 +125,7 @@ def run_search(
             proposal = strategy.propose()
             if proposal is None:
                 break
-            logits = evaluator.logits(proposal.tokens)
+            logits = evaluator.evaluate(proposal)
             judged = judge(proposal.tokens, logits, spec.qmark, min_confidence, proposal.judge_from)
             strategy.observe(proposal, judged)
             rows = failure_rows(judged, proposal, log, spec, run_id, strategy.name)

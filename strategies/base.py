@@ -39,15 +39,24 @@ class RunConfig:
     seed: int = 0
     max_len: int = 5
     batch_size: int = 4096
+    shared_prefixes: bool = True  # exhaustive: reuse parents' keys/values
 
 
 @dataclass
 class Proposal:
-    """A batch of candidates: token ids [batch, seq], judged at positions >= `judge_from`."""
+    """A batch of candidates: token ids [batch, seq], judged at positions >= `judge_from`.
+
+    `extension=True` promises that the rows are every one-letter extension of
+    consecutive parent prefixes, parent-major; the evaluator then computes only
+    their last position from the parents' cached keys/values (`cache=True` keeps
+    this batch's keys/values for its own extensions).
+    """
 
     tokens: torch.Tensor
     judge_from: int = 0
     columns: dict[str, list] = field(default_factory=dict)  # extra per-row CSV columns
+    extension: bool = False
+    cache: bool = False
 
 
 class Strategy:

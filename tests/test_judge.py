@@ -28,3 +28,14 @@ def test_judge_from_limits_the_judged_positions():
     j = judge(toks, torch.zeros(1, 3, 11), qmark=10, judge_from=2)
     assert j.judged.tolist() == [[False, False, True]]
     assert j.failing().tolist() == [[0, 2]]
+
+
+def test_logits_for_the_last_positions_only():
+    toks = torch.tensor([[10, 0, 0], [10, 1, 2]])
+    logits = torch.zeros(2, 1, 11)
+    logits[0, 0, 10] = 4.0  # truth at the last position of row 0 is ?
+    logits[1, 0, 2] = 4.0  # truth of row 1 is b (index 1): predicts c
+    j = judge(toks, logits, qmark=10)
+    assert j.judged.tolist() == [[False, False, True]] * 2
+    assert j.failing().tolist() == [[1, 2]]
+    assert j.pred[1, 2] == 2 and math.isclose(float(j.margin[1, 2]), 4.0)

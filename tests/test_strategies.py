@@ -16,7 +16,7 @@ def drain(strategy, evaluator=None):
         if evaluator is None:
             logits = torch.nn.functional.one_hot(first_unique(p.tokens), 11).float() * 10
         else:
-            logits = evaluator.logits(p.tokens)
+            logits = evaluator.evaluate(p)
         strategy.observe(p, judge(p.tokens, logits, 10, 0.5, p.judge_from))
         batches.append(p)
     return batches
@@ -66,3 +66,29 @@ def test_exhaustive_census_counts_match_a_direct_count(challenge):
         assert row["confident_failures"] == int(j.confident[:, -1].sum())
         if row["failures"]:
             assert row["example"] == SPEC.decode(toks[int(fails.nonzero()[0])])
+
+
+def test_prefix_sharing_census_is_identical_to_the_plain_path(challenge):
+    ev = Evaluator(challenge.weights, "cpu")
+    census = {}
+    for shared in (True, False):
+        strategy = make_strategy("exhaustive", SPEC, RunConfig(max_len=5, batch_size=5000, shared_prefixes=shared))
+        batches = drain(strategy, ev)
+        assert all(p.extension == shared for p in batches)
+        census[shared] = strategy.tables()["census.csv"]
+    assert census[True] == census[False]
+    assert [r["prefixes"] for r in census[True]] == [10, 100, 1000, 10000, 100000]
+
+
+def test_prefix_sharing_resumes_from_saved_state(challenge):
+    ev = Evaluator(challenge.weights, "cpu")
+    whole = make_strategy("exhaustive", SPEC, RunConfig(max_len=4, batch_size=300))
+    drain(whole, ev)
+    cut = make_strategy("exhaustive", SPEC, RunConfig(max_len=4, batch_size=300))
+    for _ in range(7):
+        p = cut.propose()
+        cut.observe(p, judge(p.tokens, ev.evaluate(p), 10, 0.5, p.judge_from))
+    resumed = make_strategy("exhaustive", SPEC, RunConfig(max_len=4, batch_size=300))
+    resumed.load_state_dict(cut.state_dict())
+    drain(resumed, Evaluator(challenge.weights, "cpu"))  # a fresh evaluator holds no cached parents
+    assert resumed.tables() == whole.tables()
