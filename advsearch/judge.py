@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .oracle import first_unique
+from .oracle import first_unique, first_unique_last
 
 
 @dataclass
 class Judged:
-    """Verdicts for a batch; every tensor is [batch, seq]. `judged` marks the positions looked at."""
+    """Verdicts for a batch; every tensor is [batch, seq]. `judged` marks the positions looked at;
+    the other entries are not meaningful."""
 
     tokens: torch.Tensor
     true: torch.Tensor
@@ -22,6 +23,7 @@ class Judged:
     failure: torch.Tensor
     confident: torch.Tensor
     judged: torch.Tensor
+    logits: torch.Tensor | None = None  # [batch, seq, vocab] (0 where not judged), for objectives
 
     def failing(self) -> torch.Tensor:
         """[n, 2] (row, position) pairs of judged failures, in row-major order."""
@@ -43,7 +45,11 @@ def judge(
     batch, seq = tokens.shape
     first = seq - logits.shape[1]
     judge_from = max(judge_from, first)
-    true = first_unique(tokens, qmark)
+    if judge_from == seq - 1:  # only the last position is judged
+        true = torch.full_like(tokens, qmark)
+        true[:, -1] = first_unique_last(tokens, qmark)
+    else:
+        true = first_unique(tokens, qmark)
     logits = logits.float()
     pred = torch.zeros_like(true)
     pred[:, first:] = logits.argmax(-1)
@@ -57,4 +63,5 @@ def judge(
     judged = torch.zeros_like(true, dtype=torch.bool)
     judged[:, judge_from:] = True
     failure = (pred != true) & judged
-    return Judged(tokens, true, pred, p_true, p_pred, margin, failure, failure & (p_pred >= min_confidence), judged)
+    return Judged(tokens, true, pred, p_true, p_pred, margin, failure, failure & (p_pred >= min_confidence), judged,
+                  full_logits)

@@ -46,9 +46,9 @@ def run_identifier(model: LoadedModel, strategy, min_confidence: float) -> str:
 
 def failure_rows(judged: Judged, proposal, log: FailureLog, spec, run_id: str, strategy: str):
     """One row per failing prefix not written before, in (row, position) order."""
-    rows, seqs = [], judged.tokens.tolist()
+    rows = []
     for b, k in judged.failing().tolist():
-        prefix = spec.decode(seqs[b][: k + 1])
+        prefix = spec.decode(judged.tokens[b, : k + 1].tolist())
         if not log.is_new(prefix) or any(r["sequence"] == prefix for r in rows[-8:]):
             continue
         rows.append({
