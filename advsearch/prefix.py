@@ -44,17 +44,23 @@ def extend(fw: FusedWeights, kv: KV, letters: int, keep: bool = True) -> tuple[t
     """Last-position logits of every prefix + one letter (parent-major: [parents * letters, vocab]),
     and, when `keep`, the extended prefixes' keys and values."""
     n_layers, parents, h, n, dh = kv.keys.shape
-    x = (fw.W_E[:letters] + fw.W_pos[n]).expand(parents, letters, -1)  # [P, T, d]
+    x = (fw.W_E[:letters] + fw.W_pos[n]).unsqueeze(0)  # [1, T, d]: the same for every parent until layer 0 mixes
     new_k, new_v = [], []
     for layer in range(n_layers):
+        rows = x.shape[0]
         xn = F.layer_norm(x, x.shape[-1:], eps=fw.eps)
-        q, k, v = (xn @ fw.W_qkv[layer] + fw.b_qkv[layer]).view(parents, letters, 3, h, dh).permute(2, 0, 3, 1, 4)
-        scores = torch.cat([q @ kv.keys[layer].transpose(-1, -2), (q * k).sum(-1, keepdim=True)], -1)
-        attn = (scores * dh**-0.5).softmax(-1)  # [P, H, T, n + 1]
-        z = attn[..., :n] @ kv.values[layer] + attn[..., n:] * v  # [P, H, T, dh]
+        qkv = (xn @ fw.W_qkv[layer] + fw.b_qkv[layer]).view(rows, letters, 3, h, dh)
+        q, k, v = (qkv[:, :, i].transpose(1, 2).contiguous() for i in range(3))  # [rows, H, T, dh]
+        q = q * dh**-0.5
+        # softmax over (parent keys, own key) without concatenating
+        s_par = q @ kv.keys[layer].transpose(-1, -2)  # [P, H, T, n]
+        s_self = (q * k).sum(-1, keepdim=True)  # [rows, H, T, 1]
+        top = torch.maximum(s_par.amax(-1, keepdim=True), s_self)
+        e_par, e_self = (s_par - top).exp_(), (s_self - top).exp_()
+        z = (e_par @ kv.values[layer] + e_self * v) / (e_par.sum(-1, keepdim=True) + e_self)
         x = x + z.transpose(1, 2).reshape(parents, letters, h * dh) @ fw.W_out[layer] + fw.b_out[layer]
-        new_k.append(k)
-        new_v.append(v)
+        new_k.append(k.expand(parents, -1, -1, -1))
+        new_v.append(v.expand(parents, -1, -1, -1))
     logits = F.layer_norm(x, x.shape[-1:], eps=fw.eps) @ fw.W_U + fw.b_U
     if not keep:
         return logits.reshape(parents * letters, -1), None

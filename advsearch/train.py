@@ -14,6 +14,7 @@ the epoch with the best validation accuracy.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -190,6 +191,7 @@ def train(
     out: Path = Path("model.pt"),
     progress: bool = True,
     shuffle_seed: int | None = None,
+    threads: int | None = 1,
 ) -> dict:
     """Train with the challenge's recipe, save the best-validation-accuracy epoch to `out`.
 
@@ -197,14 +199,38 @@ def train(
     validation accuracy/loss, per-epoch history, versions) and returns the sidecar dict.
     The epoch order is shuffled with a generator seeded by `shuffle_seed` (default:
     `init_seed`), so two runs with the same arguments give identical weights.
+
+    `threads` pins torch's intra-op thread count for the run (restored afterwards;
+    None leaves it alone). The model is so small that one thread is about as fast as
+    several on an idle machine and far steadier on a busy one, and a fixed count keeps
+    the floating-point reductions, hence the weights, the same from machine to machine.
     """
+    with _torch_threads(threads):
+        return _train(spec, epochs, batch_size, lr, weight_decay, n_train, n_val, data_seed,
+                      val_seed, init_seed, Path(out), progress, shuffle_seed)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(spec, epochs, batch_size, lr, weight_decay, n_train, n_val, data_seed, val_seed,
+           init_seed, out, progress, shuffle_seed) -> dict:
     from tqdm.auto import tqdm
 
     if epochs < 1:
         raise ValueError("epochs must be at least 1")
     if n_train < 1 or n_val < 1 or batch_size < 1:
         raise ValueError("n_train, n_val and batch_size must be positive")
-    out = Path(out)
     shuffle_seed = init_seed if shuffle_seed is None else shuffle_seed
     recipe = {
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
@@ -212,6 +238,7 @@ def train(
         "selection": "best validation accuracy over all positions",
         "n_train": n_train, "n_val": n_val, "data_seed": data_seed, "val_seed": val_seed,
         "init_seed": init_seed, "shuffle_seed": shuffle_seed, "init": "gpt2 (std 0.8/sqrt(d_model))",
+        "torch_threads": torch.get_num_threads(),
     }
 
     started = time.perf_counter()
