@@ -33,8 +33,10 @@ def mechanism_cmd(model, as_json, dup_threshold, anti_threshold) -> None:
               help="Explain this position only (default: every failing position).")
 @model_option
 @click.option("--json", "as_json", is_flag=True, help="Print the explanations as JSON.")
+@click.option("--html", "html", type=click.Path(dir_okay=False), default=None,
+              help="Also write the per-failure view (attention, probabilities, attribution) to this HTML file.")
 @handle_errors
-def explain_cmd(sequence, pos, model, as_json) -> None:
+def explain_cmd(sequence, pos, model, as_json, html) -> None:
     """Explain why the model fails on SEQUENCE (e.g. '?jeejjfhadc'): attribution, category, causal check."""
     from .explain import Explainer, failing_positions
     from .model import load_model
@@ -48,6 +50,11 @@ def explain_cmd(sequence, pos, model, as_json) -> None:
     else:
         positions = failing_positions(loaded, toks)
     explanations = Explainer(loaded).explain_many([(toks, k) for k in positions]) if positions else []
+    if html is not None:
+        from .figures import write_explain_html
+
+        size = write_explain_html(loaded, toks, positions, html)
+        click.echo(f"wrote {html} ({size / 1e6:.1f} MB)", err=True)
     if as_json:
         click.echo(json.dumps({
             "sequence": sequence,
