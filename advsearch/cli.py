@@ -8,6 +8,9 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .cli_mechanism import explain_cmd, mechanism_cmd
+from .cli_report import report_cmd
+from .cli_suite import compare, harden, regress, suite
 from .cliutil import device_option, handle_errors, model_option
 
 
@@ -27,7 +30,7 @@ def _strategy_names() -> list[str]:
 @click.option("--strategy", type=click.Choice(_strategy_names()), default="random", show_default=True)
 @model_option
 @click.option("--budget", type=click.IntRange(min=1), default=10_000, show_default=True,
-              help="Sequences to evaluate (random).")
+              help="Sequences to evaluate (random, local, optuna).")
 @click.option("--max-len", type=click.IntRange(min=1), default=5, show_default=True,
               help="Longest prefix, in tokens after '?' (exhaustive).")
 @click.option("--prefix-sharing/--no-prefix-sharing", default=True, show_default=True,
@@ -36,17 +39,47 @@ def _strategy_names() -> list[str]:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default: results/<run-id>).")
 @device_option
-@click.option("--batch-size", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Sequences per batch (default 4096; optuna: trials asked per batch, default 128).")
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="A failure is 'confident' when p(predicted) is at least this.")
+@click.option("--length", type=int, default=None,
+              help="local/optuna: searched sequence length, '?' included (default: the model's n_ctx).")
+@click.option("--target-pos", type=int, default=None, help="local/optuna: aim at this position (default: any).")
+@click.option("--target-true", default=None, help="local/optuna: aim at failures whose truth is this character.")
+@click.option("--target-pred", default=None, help="local/optuna: aim at failures predicting this character.")
+@click.option("--cover-confusions", is_flag=True,
+              help="local/optuna: aim at every (true, predicted) pair; random: only keep the table. "
+                   "Writes confusions.csv and prints the coverage matrix.")
+@click.option("--cover-threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+              help="A pair is covered by a witness with p_pred at least this.")
+@click.option("--two-position-moves/--no-two-position-moves", default=True, show_default=True,
+              help="local: try two-position moves at a local optimum before restarting.")
+@click.option("--sampler", type=click.Choice(["tpe", "ga", "gp", "random"]), default="tpe", show_default=True,
+              help="optuna: TPE (multivariate, constant liar), NSGA-II, GP (needs scipy) or random.")
+@click.option("--storage", default=None,
+              help="optuna: storage URL (sqlite:///FILE, postgresql://..., journal:FILE); workers sharing it join.")
+@click.option("--study-name", default=None, help="optuna: study to create or join (default: from length/target).")
+@click.option("--seed-from", type=click.Choice(["guided"]), default=None,
+              help="optuna: enqueue the guided strategy's first batch as the first trials.")
+@click.option("--families", default=None,
+              help="guided: comma-separated constructor families (default: all; see strategies/guided.py).")
+@click.option("--compare-random", is_flag=True,
+              help="Also run the random baseline with the same budget and print the yield ratio.")
+@click.option("--explain/--no-explain", default=True, show_default=True,
+              help="Add explanation columns (category, responsible heads, load, deciding path, causal check).")
+@click.option("--minimize", "minimize_rows", is_flag=True,
+              help="Add a `minimized` column: each failure shrunk by `advsearch minimize`.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last finished batch.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in the output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
-def run(strategy, model, budget, max_len, prefix_sharing, seed, out, device, batch_size, min_confidence, resume, overwrite,
+def run(strategy, model, budget, max_len, prefix_sharing, seed, out, device, batch_size, min_confidence, length,
+        target_pos, target_true, target_pred, cover_confusions, cover_threshold, two_position_moves, sampler,
+        storage, study_name, seed_from, families, compare_random, explain, minimize_rows, resume, overwrite,
         quiet) -> None:  # fmt: skip
     """Search for failures with a strategy and write failures.csv and summary.json."""
-    from strategies import RunConfig, make_strategy
+    from strategies import STRATEGIES, RunConfig, make_strategy
 
     from .evaluator import Evaluator
     from .model import load_model
@@ -54,22 +87,78 @@ def run(strategy, model, budget, max_len, prefix_sharing, seed, out, device, bat
 
     if resume and out is None:
         raise click.UsageError("--resume needs --out (the folder of the run to continue)")
+    adaptive = {"--length": length, "--target-pos": target_pos, "--target-true": target_true,
+                "--target-pred": target_pred, "--storage": storage, "--study-name": study_name,
+                "--seed-from": seed_from}  # fmt: skip
+    given = [k for k, v in adaptive.items() if v is not None]
+    if strategy not in ("local", "optuna") and given:
+        raise click.UsageError(f"{', '.join(given)} only apply to --strategy local or optuna")
+    if cover_confusions and strategy == "exhaustive":
+        raise click.UsageError("--cover-confusions applies to --strategy local, optuna or random")
     loaded = load_model(model)
-    config = RunConfig(budget=budget, seed=seed, max_len=max_len, batch_size=batch_size,
-                       shared_prefixes=prefix_sharing)
+    config = RunConfig(budget=budget, seed=seed, max_len=max_len,
+                       batch_size=batch_size or (128 if strategy == "optuna" else 4096),
+                       shared_prefixes=prefix_sharing, length=length, target_pos=target_pos,
+                       target_true=target_true, target_pred=target_pred, cover_confusions=cover_confusions,
+                       cover_threshold=cover_threshold, two_position_moves=two_position_moves, sampler=sampler,
+                       storage=storage, study_name=study_name, seed_from=seed_from, model_sha256=loaded.sha256,
+                       families=families.split(",") if families else None)  # fmt: skip
+    needs_tables = STRATEGIES[strategy].needs_tables or (seed_from and STRATEGIES[seed_from].needs_tables)
+    if needs_tables or explain:
+        from .mechanism import compute_tables
+
+        config.tables = compute_tables(loaded)  # guided constructors and explanations read the model's tables
     strat = make_strategy(strategy, loaded.spec, config)
-    evaluator = Evaluator(loaded.weights, device=device, batch_size=batch_size)
+    evaluator = Evaluator(loaded.weights, device=device, batch_size=batch_size or 4096)
+    minimizer = None
+    if minimize_rows:
+        from .minimize import Minimizer
+
+        minimizer = Minimizer(evaluator, loaded.spec)
+    explainer = None
+    if explain:
+        from .explain import Explainer
+
+        explainer = Explainer(loaded, config.tables)
     s = run_search(loaded, strat, out, evaluator, min_confidence=min_confidence, resume=resume,
-                   overwrite=overwrite, progress=not quiet)  # fmt: skip
+                   overwrite=overwrite, explainer=explainer, minimizer=minimizer, progress=not quiet)  # fmt: skip
+    if getattr(strat, "table", None) is not None:
+        click.echo(strat.table.matrix())
     rate = s["failures"] / s["positions"] if s["positions"] else 0.0
     click.echo(
         f"{s['strategy']}: evaluated {s['sequences']:,} sequences ({s['positions']:,} positions) "
         f"in {s['wall_seconds']:.1f} s; {s['failures']:,} failing prefixes ({rate:.3%} of positions), "
         f"{s['confident_failures']:,} confident (p_pred >= {min_confidence})."
     )
+    if "families.csv" in s["tables"]:
+        click.echo(f"{'family':<18}{'sequences':>10}{'confident failure':>19}{'yield':>8}")
+        for r in s["tables"]["families.csv"]:
+            click.echo(f"{r['family']:<18}{r['sequences']:>10,}{r['confident_failures']:>19,}{r['yield']:>8.1%}")
+    click.echo(f"yield: {s['yield']:.1%} of sequences have a failure with p_pred >= {s['yield_confidence']}")
+    if compare_random:
+        _compare_random(loaded, s, config, evaluator, min_confidence, quiet)
     click.echo(f"results: {Path(s['out_dir']) / 'failures.csv'}")
     for name in s["files"][1:]:
         click.echo(f"         {Path(s['out_dir']) / name}")
+
+
+def _compare_random(loaded, s: dict, config, evaluator, min_confidence: float, quiet: bool) -> None:
+    """Run the random baseline with the same budget into <out>/random-baseline and record the yield ratio."""
+    from strategies import RunConfig, make_strategy
+
+    from .results import write_json
+    from .runner import run_search
+
+    baseline = make_strategy("random", loaded.spec, RunConfig(budget=s["sequences"], seed=config.seed,
+                                                              batch_size=config.batch_size))  # fmt: skip
+    b = run_search(loaded, baseline, Path(s["out_dir"]) / "random-baseline", evaluator,
+                   min_confidence=min_confidence, overwrite=True, progress=not quiet)  # fmt: skip
+    ratio = s["yield"] / b["yield"] if b["yield"] else float("inf")
+    s["compare_random"] = {"random_yield": b["yield"], "random_sequences": b["sequences"], "yield_ratio": ratio,
+                           "random_out_dir": b["out_dir"]}  # fmt: skip
+    write_json(Path(s["out_dir"]) / "summary.json", s)
+    click.echo(f"random baseline ({b['sequences']:,} sequences): yield {b['yield']:.2%}; "
+               f"{s['strategy']} / random = {ratio:.1f}x")  # fmt: skip
 
 
 @main.command("eval")
@@ -96,6 +185,27 @@ def eval_cmd(sequences, model) -> None:
                        f"{float(j.p_pred[0, k]):6.4f}  {float(j.p_true[0, k]):6.4f}{mark}")  # fmt: skip
         n_fail = int(j.failure.sum())
         click.echo(f"{n_fail} failing position(s)\n" if n_fail else "all positions right\n")
+
+
+@main.command()
+@click.argument("sequence")
+@click.option("--pos", type=int, default=None, help="The failing position to keep (default: the first failing one).")
+@model_option
+@handle_errors
+def minimize(sequence, pos, model) -> None:
+    """Shrink a failing SEQUENCE while it fails with the same (true, predicted) kind."""
+    from .evaluator import Evaluator
+    from .minimize import Minimizer
+    from .model import load_model
+
+    loaded = load_model(model)
+    m = Minimizer(Evaluator(loaded.weights, device="cpu"), loaded.spec).minimize(sequence, pos)
+    click.echo(f"input      {m.original}  (true {m.kind[0]}, predicted {m.kind[1]})")
+    click.echo(f"minimized  {m.sequence}  (fails at position {m.position}: true {m.minimized_kind[0]}, "
+               f"predicted {m.minimized_kind[1]}, p_pred {m.p_pred:.4f})")  # fmt: skip
+    if m.mapping:
+        click.echo("renamed    " + ", ".join(f"{a}->{b}" for a, b in sorted(m.mapping.items())))
+    click.echo(f"{len(m.original)} -> {len(m.sequence)} tokens, {m.evaluations} candidates judged")
 
 
 @main.command()
@@ -139,6 +249,12 @@ def train(epochs, seed, out) -> None:
     info = train_model(epochs=epochs, init_seed=seed, out=out)
     click.echo(f"saved {out} (best epoch {info['best_epoch']}, validation accuracy {info['val_accuracy']:.4f})")
 
+
+main.add_command(mechanism_cmd)
+main.add_command(explain_cmd)
+main.add_command(report_cmd)
+for command in (suite, regress, compare, harden):
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,8 @@ import torch
 
 from .oracle import first_unique, first_unique_last
 
+YIELD_CONFIDENCE = 0.9  # a sequence is a "hit" when it has a failure with p_pred >= this
+
 
 @dataclass
 class Judged:
@@ -24,6 +26,10 @@ class Judged:
     confident: torch.Tensor
     judged: torch.Tensor
     logits: torch.Tensor | None = None  # [batch, seq, vocab] (0 where not judged), for objectives
+
+    def hits(self, threshold: float = YIELD_CONFIDENCE) -> torch.Tensor:
+        """[batch] bool: the sequence has a judged failure with p_pred >= threshold."""
+        return (self.failure & (self.p_pred >= threshold)).any(1)
 
     def failing(self) -> torch.Tensor:
         """[n, 2] (row, position) pairs of judged failures, in row-major order."""

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .errors import AdvsearchError
 from .evaluator import Evaluator
-from .judge import Judged, judge
+from .judge import YIELD_CONFIDENCE, Judged, judge
 from .model import LoadedModel
 from .results import FAILURE_COLUMNS, FailureLog, prepare_dir, read_json, write_json, write_table
 
@@ -71,12 +71,14 @@ def run_search(
     resume: bool = False,
     overwrite: bool = False,
     explainer=None,
+    minimizer=None,
     progress: bool = True,
 ) -> dict:
     """Run `strategy` to completion, writing into `out_dir` (default results/<run id>); returns the summary."""
     spec, run_id = model.spec, run_identifier(model, strategy, min_confidence)
     out_dir = Path(out_dir) if out_dir is not None else Path("results") / run_id
     columns = FAILURE_COLUMNS + strategy.extra_columns + (EXPLAIN_COLUMNS if explainer else ())
+    columns += ("minimized",) if minimizer is not None else ()
     identity = {"strategy": strategy.name, "params": strategy.params(), "model_sha256": model.sha256,
                 "min_confidence": min_confidence, "columns": list(columns)}  # fmt: skip
     state_path, csv_path = out_dir / "state.json", out_dir / "failures.csv"
@@ -96,7 +98,7 @@ def run_search(
         if csv_path.exists() and not overwrite:
             raise AdvsearchError(f"{out_dir} already holds a run; use --resume to continue it or --overwrite")
         prepare_dir(out_dir)
-        counters = {"sequences": 0, "positions": 0, "failures": 0, "wall_seconds": 0.0}
+        counters = {"sequences": 0, "positions": 0, "failures": 0, "hits": 0, "wall_seconds": 0.0}
         log = FailureLog(csv_path, columns)
 
     def summary(status: str) -> dict:
@@ -108,9 +110,13 @@ def run_search(
             "device": str(evaluator.device), "versions": versions(),
             "sequences": counters["sequences"], "positions": counters["positions"],
             "failures": counters["failures"], "confident_failures": log.confident,
+            "sequences_with_confident_failure": counters["hits"],
+            "yield": round(counters["hits"] / counters["sequences"], 6) if counters["sequences"] else 0.0,
+            "yield_confidence": YIELD_CONFIDENCE,
             "wall_seconds": round(wall, 3),
             "sequences_per_second": round(counters["sequences"] / wall, 1) if wall else None,
             "files": ["failures.csv", *strategy.tables()],
+            "tables": {name: rows for name, rows in strategy.tables().items() if len(rows) <= 100},
         }  # fmt: skip
         for name, rows in strategy.tables().items():
             write_table(out_dir / name, rows)
@@ -133,10 +139,13 @@ def run_search(
                 items = [(spec.encode(r["sequence"]), r["position"]) for r in rows]
                 for row, expl in zip(rows, explainer.explain_many(items)):
                     row.update(expl.columns())
+            if minimizer is not None and rows:
+                minimizer.annotate(rows)  # fills the `minimized` column (advsearch.minimize)
             log.write(rows)
             counters["sequences"] += len(proposal.tokens)
             counters["positions"] += int(judged.judged.sum())
             counters["failures"] += len(rows)
+            counters["hits"] += int(judged.hits().sum())
             counters["wall_seconds"] += time.perf_counter() - start
             write_json(state_path, {"identity": identity, "finished": False, "csv_bytes": log.offset,
                                     "counters": counters, "strategy_state": strategy.state_dict()})  # fmt: skip

@@ -7,9 +7,14 @@ from advsearch.spec import ModelSpec
 
 from .base import Proposal, RunConfig, Strategy
 from .exhaustive import ExhaustiveStrategy
+from .guided import GuidedStrategy
+from .local import LocalStrategy
+from .optuna import OptunaStrategy
 from .random import RandomStrategy
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (RandomStrategy, ExhaustiveStrategy)}
+STRATEGIES: dict[str, type[Strategy]] = {
+    s.name: s for s in (RandomStrategy, ExhaustiveStrategy, GuidedStrategy, LocalStrategy, OptunaStrategy)
+}
 
 
 def make_strategy(name: str, spec: ModelSpec, config: RunConfig) -> Strategy:

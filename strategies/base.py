@@ -11,7 +11,8 @@ A strategy is a generator of candidate batches that may learn from verdicts:
   starting with `?`, plus which positions to judge and any extra per-row CSV
   columns), or None when the strategy is finished.
 - `observe()` receives the judged batch. Enumeration and random sampling ignore
-  it; Optuna and local search use it to choose what to propose next.
+  it; Optuna and local search use it to choose what to propose next (they score
+  `judged.logits` with `advsearch.objectives`; see `strategies.adaptive`).
 - `state_dict()` / `load_state_dict()` capture progress after an observed batch
   so an interrupted run resumes where it stopped (JSON-serialisable).
 - `tables()` returns extra result tables the strategy accumulates (file name ->
@@ -40,6 +41,21 @@ class RunConfig:
     max_len: int = 5
     batch_size: int = 4096
     shared_prefixes: bool = True  # exhaustive: reuse parents' keys/values
+    families: list[str] | None = None  # guided: families to use (None: all)
+    tables: object | None = None  # guided: the model's MechanismTables (computed, never typed in)
+    # adaptive searches (local, optuna)
+    length: int | None = None  # searched sequence length, '?' included (None: the model's n_ctx)
+    target_pos: int | None = None  # targeted search: position, true char, predicted char (None: any)
+    target_true: str | None = None
+    target_pred: str | None = None
+    cover_confusions: bool = False  # aim at every (true, predicted) pair in turn; writes confusions.csv
+    cover_threshold: float = 0.9  # a pair is covered by a witness with p_pred >= this
+    two_position_moves: bool = True  # local: try two-position moves before restarting
+    sampler: str = "tpe"  # optuna: tpe | ga | gp | random
+    storage: str | None = None  # optuna: storage URL (sqlite:///..., journal file, postgresql://...)
+    study_name: str | None = None
+    seed_from: str | None = None  # optuna: strategy whose first batch is enqueued as the first trials
+    model_sha256: str | None = None  # optuna: recorded in the study, so workers with another model cannot join
 
 
 @dataclass
@@ -64,6 +80,7 @@ class Strategy:
 
     name: ClassVar[str] = ""
     extra_columns: ClassVar[tuple[str, ...]] = ()
+    needs_tables: ClassVar[bool] = False  # set RunConfig.tables (the mechanism tables) before making it
 
     def __init__(self, spec: ModelSpec, config: RunConfig):
         self.spec = spec

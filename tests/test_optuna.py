@@ -1,0 +1,160 @@
+import json
+
+import optuna
+import pytest
+import torch
+
+import strategies
+from advsearch.errors import AdvsearchError
+from advsearch.evaluator import Evaluator
+from advsearch.judge import judge
+from advsearch.objectives import score
+from advsearch.spec import ModelSpec
+from strategies import RunConfig, make_strategy
+from strategies.base import Proposal, Strategy
+from strategies.optuna import make_sampler, open_storage
+
+SPEC = ModelSpec()
+COMPLETE = optuna.trial.TrialState.COMPLETE
+
+
+class CountingEvaluator:
+    def __init__(self, ev):
+        self.ev, self.calls = ev, 0
+
+    def logits(self, tokens):
+        self.calls += 1
+        return self.ev.logits(tokens)
+
+
+@pytest.fixture(scope="module")
+def ev(challenge):
+    return CountingEvaluator(Evaluator(challenge.weights, "cpu"))
+
+
+def drive(strategy, ev, limit=None):
+    out = []
+    while (limit is None or len(out) < limit) and (p := strategy.propose()) is not None:
+        strategy.observe(p, judge(p.tokens, ev.logits(p.tokens), SPEC.qmark, 0.5, p.judge_from))
+        out.append(p)
+    return out
+
+
+def trials_of(strategy, state=COMPLETE):
+    (study,) = strategy.studies.values()
+    return study.get_trials(states=(state,))
+
+
+def test_batches_are_one_evaluator_call_and_trials_hold_their_scores(ev):
+    strategy = make_strategy("optuna", SPEC, RunConfig(budget=40, batch_size=16, seed=0, length=12))
+    before = ev.calls
+    props = drive(strategy, ev)
+    assert [len(p.tokens) for p in props] == [16, 16, 8] and ev.calls - before == 3
+    trials = trials_of(strategy)
+    assert len(trials) == 40
+    tokens = torch.cat([p.tokens for p in props])
+    assert tokens.shape[1] == 12
+    as_text = ["?" + "".join(t.params[f"p{k:02d}"] for k in range(1, 12)) for t in trials]
+    assert as_text == [SPEC.decode(r) for r in tokens]
+    s = score(ev.logits(tokens), tokens)
+    assert [t.value for t in trials] == pytest.approx(s.score.tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_storage_joins_and_resumes_after_an_interruption(tmp_path, ev, kind):
+    url = f"journal:{tmp_path}/s.journal" if kind == "journal" else f"sqlite:///{tmp_path}/s.db"
+    cfg = RunConfig(budget=32, batch_size=16, seed=0, length=8, storage=url, study_name="shared")
+    a = make_strategy("optuna", SPEC, cfg)
+    drive(a, ev)
+    b = make_strategy("optuna", SPEC, RunConfig(**{**cfg.__dict__, "seed": 1}))
+    drive(b, ev, limit=1)
+    state = json.loads(json.dumps(b.state_dict()))
+    b.propose()  # interrupted: asked, never told
+    study = optuna.load_study(study_name="shared", storage=open_storage(url))
+    assert len(study.get_trials(states=(COMPLETE,))) == 48
+    assert len(study.get_trials(states=(optuna.trial.TrialState.RUNNING,))) == 16
+    resumed = make_strategy("optuna", SPEC, RunConfig(**{**cfg.__dict__, "seed": 1}))
+    resumed.load_state_dict(state)
+    drive(resumed, ev)
+    study = optuna.load_study(study_name="shared", storage=open_storage(url))
+    assert len(study.get_trials(states=(COMPLETE,))) == 64  # both workers' budgets, in one study
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))  # stale trials were failed
+    assert study.user_attrs["length"] == 8
+    other = make_strategy("optuna", SPEC, RunConfig(**{**cfg.__dict__, "length": 9}))
+    with pytest.raises(AdvsearchError, match="other settings"):
+        other.propose()
+
+
+def test_in_memory_resume_rebuilds_the_study(ev):
+    cfg = RunConfig(budget=48, batch_size=16, seed=2, length=10)
+    first = make_strategy("optuna", SPEC, cfg)
+    drive(first, ev, limit=2)
+    resumed = make_strategy("optuna", SPEC, cfg)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert resumed.remaining() == 16
+    (study,) = resumed.studies.values()
+    assert [t.params for t in study.trials] == [t.params for t in trials_of(first)]
+    assert [t.value for t in study.trials] == [t.value for t in trials_of(first)]  # exact, not rounded
+    drive(resumed, ev)
+    assert len(trials_of(resumed)) == 48
+
+
+@pytest.mark.parametrize("sampler", ["ga", "random"])
+def test_other_samplers_run(ev, sampler):
+    strategy = make_strategy("optuna", SPEC, RunConfig(budget=24, batch_size=12, sampler=sampler, length=6))
+    drive(strategy, ev)
+    assert len(trials_of(strategy)) == 24
+
+
+def test_gp_sampler_or_a_clear_error():
+    try:
+        import scipy  # noqa: F401
+    except ImportError:
+        with pytest.raises(AdvsearchError, match="scipy"):
+            make_sampler("gp", 0)
+    else:
+        assert type(make_sampler("gp", 0)).__name__ == "GPSampler"
+
+
+def test_bad_storage_is_one_clear_error(tmp_path):
+    with pytest.raises(AdvsearchError, match="--storage"):
+        open_storage(str(tmp_path / "x.db"))
+    with pytest.raises(AdvsearchError, match="cannot open"):
+        open_storage("nosuchdb://x")
+
+
+def test_seed_from_enqueues_the_constructor_batch_first(ev, monkeypatch):
+    fixed = ["?aabbccdd", "?jjiihhgg", "?abcdefgh"]
+
+    class Fixed(Strategy):
+        name = "fixed"
+
+        def propose(self):
+            return Proposal(torch.stack([SPEC.encode(s) for s in fixed]))
+
+    monkeypatch.setitem(strategies.STRATEGIES, "fixed", Fixed)
+    strategy = make_strategy("optuna", SPEC, RunConfig(budget=16, batch_size=8, length=9, seed_from="fixed"))
+    first = strategy.propose()
+    assert [SPEC.decode(r) for r in first.tokens[:3]] == fixed
+    with pytest.raises(AdvsearchError, match="seed-from nothing"):
+        make_strategy("optuna", SPEC, RunConfig(budget=16, seed_from="nothing")).propose()
+
+
+def test_cover_mode_keeps_one_study_per_pair(ev):
+    strategy = make_strategy("optuna", SPEC, RunConfig(budget=800, batch_size=32, cover_confusions=True))
+    drive(strategy, ev)
+    assert strategy.table.evaluations == 800
+    names = list(strategy.studies)
+    assert names and all(n.startswith("advsearch-L20-untargeted:") for n in names)
+    x, y = names[0].rsplit(":", 1)[1].split(">")
+    rows = {(r["true"], r["predicted"]): r for r in strategy.tables()["confusions.csv"]}
+    assert rows[(x, y)]["targeted_evaluations"] > 0
+
+
+def test_a_worker_with_another_model_cannot_join(tmp_path, ev):
+    url = f"journal:{tmp_path}/m.journal"
+    cfg = dict(budget=8, batch_size=8, length=6, storage=url, study_name="m")
+    drive(make_strategy("optuna", SPEC, RunConfig(**cfg, model_sha256="aaa")), ev)
+    drive(make_strategy("optuna", SPEC, RunConfig(**cfg, model_sha256="aaa", seed=1)), ev)
+    with pytest.raises(AdvsearchError, match="other settings"):
+        make_strategy("optuna", SPEC, RunConfig(**cfg, model_sha256="bbb")).propose()
