@@ -27,7 +27,7 @@ def _rate(fn, n: int) -> float:
 
 
 @torch.inference_mode()
-def run_bench(model: LoadedModel, n: int = 100_000, batch_size: int = 2048, device: str = "auto",
+def run_bench(model: LoadedModel, n: int = 100_000, batch_size: int = 512, device: str = "auto",
               census_len: int = 5) -> dict:  # fmt: skip
     """Measure everything in one process on the same data, so ratios are meaningful."""
     from strategies import RunConfig, make_strategy

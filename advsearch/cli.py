@@ -109,7 +109,7 @@ def run(strategy, model, budget, max_len, prefix_sharing, seed, out, device, bat
 
         config.tables = compute_tables(loaded)  # guided constructors and explanations read the model's tables
     strat = make_strategy(strategy, loaded.spec, config)
-    evaluator = Evaluator(loaded.weights, device=device, batch_size=batch_size or 4096)
+    evaluator = Evaluator(loaded.weights, device=device)
     minimizer = None
     if minimize_rows:
         from .minimize import Minimizer
@@ -134,7 +134,7 @@ def run(strategy, model, budget, max_len, prefix_sharing, seed, out, device, bat
         click.echo(f"{'family':<18}{'sequences':>10}{'confident failure':>19}{'yield':>8}")
         for r in s["tables"]["families.csv"]:
             click.echo(f"{r['family']:<18}{r['sequences']:>10,}{r['confident_failures']:>19,}{r['yield']:>8.1%}")
-    click.echo(f"yield: {s['yield']:.1%} of sequences have a failure with p_pred >= {s['yield_confidence']}")
+    click.echo(f"yield: {s['yield']:.2%} of sequences have a failure with p_pred >= {s['yield_confidence']}")
     if compare_random:
         _compare_random(loaded, s, config, evaluator, min_confidence, quiet)
     click.echo(f"results: {Path(s['out_dir']) / 'failures.csv'}")
@@ -212,7 +212,8 @@ def minimize(sequence, pos, model) -> None:
 @model_option
 @device_option
 @click.option("--sequences", "n", type=click.IntRange(min=1000), default=100_000, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Sequences per forward call, for both the bridge and the fused evaluator.")
 @click.option("--census-len", type=click.IntRange(1, 8), default=5, show_default=True,
               help="Exhaustive census depth timed for prefixes/s.")
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")

@@ -20,6 +20,14 @@ from .judge import Judged
 from .spec import ModelSpec
 
 
+def _best_and_first(keys: torch.Tensor, values: torch.Tensor, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per key: the largest value (-inf if absent) and the first index where it occurs (len if absent)."""
+    best = torch.full((n_keys,), float("-inf"), dtype=values.dtype).scatter_reduce(0, keys, values, "amax")
+    at_best = (values == best[keys]).nonzero().flatten()
+    first = torch.full((n_keys,), len(keys), dtype=torch.long).scatter_reduce(0, keys[at_best], at_best, "amin")
+    return best, first
+
+
 class ConfusionTable:
     def __init__(self, spec: ModelSpec, threshold: float = 0.9):
         self.spec, self.threshold = spec, threshold
@@ -34,23 +42,18 @@ class ConfusionTable:
     # -- bookkeeping --------------------------------------------------------------------------
     def update(self, judged: Judged) -> None:
         """Fold one judged batch in (call once per batch, in order)."""
-        v = self.spec.d_vocab
+        v, seq = self.spec.d_vocab, judged.tokens.shape[1]
         self.evaluations += len(judged.tokens)
-        seqs = None
-        # best failures per (true, pred)
-        mask = judged.failure & judged.judged
-        if mask.any():
-            rows, cols = mask.nonzero(as_tuple=True)
-            keys = judged.true[rows, cols] * v + judged.pred[rows, cols]
-            p = judged.p_pred[rows, cols].double()
-            best = torch.full((v * v,), -1.0, dtype=torch.float64).scatter_reduce(0, keys, p, "amax")
-            improved = (best > self.best_p.view(-1)).nonzero().flatten().tolist()
-            for key in improved:
-                hit = int(((keys == key) & (p == best[key])).nonzero()[0])
-                b, k = int(rows[hit]), int(cols[hit])
-                seqs = seqs or judged.tokens.tolist()
-                self.best_p.view(-1)[key] = best[key]
-                self.witness[key] = (self.spec.decode(seqs[b][: k + 1]), k, self.evaluations)
+        # best failures per (true, pred): value and first (row, position) reaching it
+        where = (judged.failure & judged.judged).reshape(-1).nonzero().flatten()
+        if len(where):
+            keys = (judged.true.reshape(-1) * v + judged.pred.reshape(-1))[where]
+            p = judged.p_pred.reshape(-1)[where]
+            best, first = _best_and_first(keys, p, v * v)
+            for key in (best.double() > self.best_p.view(-1)).nonzero().flatten().tolist():
+                b, k = divmod(int(where[first[key]]), seq)
+                self.best_p.view(-1)[key] = float(best[key])
+                self.witness[key] = (self.spec.decode(judged.tokens[b, : k + 1].tolist()), k, self.evaluations)
         # best targeted score per (true, pred), for starting points
         if judged.logits is None:
             return
@@ -60,13 +63,13 @@ class ConfusionTable:
         margin = logits - torch.where(is_top, top2[..., 1:], top2[..., :1])  # [b, s, v]: logit_Y - max other
         where = judged.judged.reshape(-1).nonzero().flatten()  # flat (row, position) indices judged
         flat_m, flat_t = margin.reshape(-1, v)[where], judged.true.reshape(-1)[where]
-        best = torch.full((v, v), float("-inf")).scatter_reduce(0, flat_t[:, None].expand(-1, v), flat_m, "amax")
-        better = (best.double() > self.start_score) & ~torch.eye(v, dtype=torch.bool)
-        for x, y in better.nonzero().tolist():
-            hit = int(((flat_t == x) & (flat_m[:, y] == best[x, y])).nonzero()[0])
-            seqs = seqs or judged.tokens.tolist()
-            self.start_score[x, y] = float(best[x, y])
-            self.start[x * v + y] = self.spec.decode(seqs[int(where[hit]) // judged.tokens.shape[1]])
+        keys = (flat_t[:, None] * v + torch.arange(v)).reshape(-1)  # [(n, y)] -> x * v + y
+        best, first = _best_and_first(keys, flat_m.reshape(-1), v * v)
+        better = (best.view(v, v).double() > self.start_score) & ~torch.eye(v, dtype=torch.bool)
+        for key in better.reshape(-1).nonzero().flatten().tolist():
+            b = int(where[int(first[key]) // v]) // seq
+            self.start_score.view(-1)[key] = float(best[key])
+            self.start[key] = self.spec.decode(judged.tokens[b].tolist())
 
     # -- queries ------------------------------------------------------------------------------
     def pairs(self) -> list[tuple[int, int]]:

@@ -37,16 +37,13 @@ def first_unique(tokens: torch.Tensor, qmark: int = 10) -> torch.Tensor:
 def first_unique_last(tokens: torch.Tensor, qmark: int = 10) -> torch.Tensor:
     """The label of the last position only, for each row of `tokens` [batch, seq] (cheaper)."""
     body = tokens[:, 1:]
-    n = body.shape[1]
-    if n == 0:
-        return torch.full((tokens.shape[0],), qmark, dtype=torch.long, device=tokens.device)
-    onehot = torch.nn.functional.one_hot(body, qmark + 1)[..., :qmark].to(torch.int32)  # [b, n, v]
-    counts = onehot.sum(1)
-    idx = torch.arange(n, 0, -1, device=tokens.device, dtype=torch.int32).view(1, n, 1)
-    earliest = (onehot * idx).amax(1)  # n - first index, 0 where absent
-    score = torch.where(counts == 1, earliest, 0)
-    best, tok = score.max(-1)
-    return torch.where(best > 0, tok, torch.full_like(tok, qmark))
+    batch, n = body.shape
+    counts = torch.zeros(batch, qmark + 1, dtype=torch.int32, device=tokens.device)
+    counts.scatter_add_(1, body, torch.ones_like(body, dtype=torch.int32))
+    where = torch.arange(n, device=tokens.device).expand(batch, n)
+    first = torch.full((batch, qmark + 1), n, device=tokens.device).scatter_reduce_(1, body, where, "amin")
+    best, tok = torch.where(counts == 1, first, n)[:, :qmark].min(-1)
+    return torch.where(best < n, tok, torch.full_like(tok, qmark))
 
 
 def first_unique_reference(seq: list[int], qmark: int = 10) -> list[int]:

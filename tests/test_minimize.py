@@ -96,3 +96,12 @@ def test_cli_minimize_and_run_minimize_column(tmp_path, challenge_path, ev, fail
         assert len(row["minimized"]) <= len(row["sequence"])
         true, pred = verdict(ev, row["minimized"])
         assert true != pred
+
+
+def test_annotate_fills_rows_and_leaves_unreproduced_ones_empty(ev, failures):
+    seq, pos = failures[2][0], failures[2][1]
+    rows = [{"sequence": seq[: pos + 1], "position": pos}, {"sequence": "?ab", "position": 2}]
+    Minimizer(ev, SPEC).annotate(rows)
+    assert rows[1]["minimized"] == ""
+    got = rows[0]["minimized"]
+    assert got and len(got) <= pos + 1 and verdict(ev, got)[0] != verdict(ev, got)[1]
