@@ -31,6 +31,7 @@ import numpy as np
 
 from .errors import AdvsearchError
 from .figures import Page, add_failure_view, add_mechanism, esc, failure_views
+from .results import read_json
 
 DEFAULT_TOP = 10
 MAX_TOP = 100
@@ -95,10 +96,7 @@ def read_run(run_dir: Path, top: int = DEFAULT_TOP) -> RunData:
     summary_path, csv_path = run_dir / "summary.json", run_dir / "failures.csv"
     if not summary_path.exists():
         raise AdvsearchError(f"{run_dir} is not a run folder (no summary.json)")
-    try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdvsearchError(f"cannot read {summary_path}: {e}") from None
+    summary = read_json(summary_path)
     if not isinstance(summary, dict):
         raise AdvsearchError(f"{summary_path} is not a run summary")
     if not csv_path.exists():

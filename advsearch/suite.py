@@ -56,7 +56,7 @@ from . import __version__
 from .errors import AdvsearchError
 from .evaluator import Evaluator
 from .oracle import first_unique_last
-from .results import fmt, prepare_dir
+from .results import fmt, prepare_dir, read_json
 from .spec import ModelSpec
 
 SUITE_FORMAT = 1
@@ -498,10 +498,7 @@ def read_suite(path: Path, spec: ModelSpec | None = None) -> Suite:
     meta: dict = {}
     side = sidecar_path(path)
     if side.exists():
-        try:
-            meta = json.loads(side.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise AdvsearchError(f"cannot read suite sidecar {side}: {e}") from None
+        meta = read_json(side)
         if not isinstance(meta, dict):
             raise AdvsearchError(f"suite sidecar {side} is not a JSON object")
     if spec is None:

@@ -34,7 +34,6 @@ from typing import Callable
 import torch
 
 from advsearch.errors import AdvsearchError
-from advsearch.judge import YIELD_CONFIDENCE
 
 from .base import Proposal, Strategy
 

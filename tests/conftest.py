@@ -28,3 +28,22 @@ def reference_tokens(n: int = 1000, seed: int = 42) -> torch.Tensor:
     """The issue's reference batch: torch.manual_seed(seed), `?` then 19 tokens a-j."""
     torch.manual_seed(seed)
     return torch.cat([torch.full((n, 1), 10), torch.randint(0, 10, (n, 19))], 1)
+
+
+def drive(strategy, evaluator=None, limit=None) -> list:
+    """Run a strategy through propose -> evaluate -> judge -> observe; returns its proposals.
+
+    Without an evaluator the judge sees a perfect model (one-hot logits on the oracle's labels).
+    """
+    from advsearch.judge import judge
+    from advsearch.oracle import first_unique
+
+    out = []
+    while (limit is None or len(out) < limit) and (p := strategy.propose()) is not None:
+        if evaluator is None:
+            logits = torch.nn.functional.one_hot(first_unique(p.tokens), 11).float() * 10
+        else:
+            logits = evaluator.evaluate(p)
+        strategy.observe(p, judge(p.tokens, logits, 10, 0.5, p.judge_from))
+        out.append(p)
+    return out

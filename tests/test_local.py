@@ -10,6 +10,8 @@ from advsearch.judge import judge
 from advsearch.objectives import Target, score
 from advsearch.spec import ModelSpec
 from strategies import RunConfig, make_strategy
+
+from .conftest import drive
 from strategies.local import double_moves, single_moves
 
 SPEC = ModelSpec()
@@ -18,15 +20,6 @@ SPEC = ModelSpec()
 @pytest.fixture(scope="module")
 def ev(challenge):
     return Evaluator(challenge.weights, "cpu")
-
-
-def drive(strategy, ev, limit=None):
-    """Run a strategy through propose/judge/observe; returns the proposals."""
-    out = []
-    while (limit is None or len(out) < limit) and (p := strategy.propose()) is not None:
-        strategy.observe(p, judge(p.tokens, ev.logits(p.tokens), SPEC.qmark, 0.5, p.judge_from))
-        out.append(p)
-    return out
 
 
 def test_neighbourhoods_are_exact():

@@ -7,10 +7,11 @@ import torch
 import strategies
 from advsearch.errors import AdvsearchError
 from advsearch.evaluator import Evaluator
-from advsearch.judge import judge
 from advsearch.objectives import score
 from advsearch.spec import ModelSpec
 from strategies import RunConfig, make_strategy
+
+from .conftest import drive
 from strategies.base import Proposal, Strategy
 from strategies.optuna import make_sampler, open_storage
 
@@ -22,22 +23,17 @@ class CountingEvaluator:
     def __init__(self, ev):
         self.ev, self.calls = ev, 0
 
-    def logits(self, tokens):
+    def evaluate(self, proposal):
         self.calls += 1
+        return self.ev.evaluate(proposal)
+
+    def logits(self, tokens):
         return self.ev.logits(tokens)
 
 
 @pytest.fixture(scope="module")
 def ev(challenge):
     return CountingEvaluator(Evaluator(challenge.weights, "cpu"))
-
-
-def drive(strategy, ev, limit=None):
-    out = []
-    while (limit is None or len(out) < limit) and (p := strategy.propose()) is not None:
-        strategy.observe(p, judge(p.tokens, ev.logits(p.tokens), SPEC.qmark, 0.5, p.judge_from))
-        out.append(p)
-    return out
 
 
 def trials_of(strategy, state=COMPLETE):

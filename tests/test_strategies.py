@@ -2,47 +2,35 @@ import torch
 
 from advsearch.evaluator import Evaluator
 from advsearch.judge import judge
-from advsearch.oracle import first_unique
 from advsearch.spec import ModelSpec
 from strategies import RunConfig, make_strategy
+
+from .conftest import drive
 
 SPEC = ModelSpec()
 
 
-def drain(strategy, evaluator=None):
-    """Run a strategy to completion (judging with `evaluator` or with a perfect model)."""
-    batches = []
-    while (p := strategy.propose()) is not None:
-        if evaluator is None:
-            logits = torch.nn.functional.one_hot(first_unique(p.tokens), 11).float() * 10
-        else:
-            logits = evaluator.evaluate(p)
-        strategy.observe(p, judge(p.tokens, logits, 10, 0.5, p.judge_from))
-        batches.append(p)
-    return batches
-
-
 def test_random_is_seeded_and_independent_of_batch_size():
-    a = torch.cat([p.tokens for p in drain(make_strategy("random", SPEC, RunConfig(budget=1000, seed=3, batch_size=64)))])
-    b = torch.cat([p.tokens for p in drain(make_strategy("random", SPEC, RunConfig(budget=1000, seed=3, batch_size=999)))])
-    c = torch.cat([p.tokens for p in drain(make_strategy("random", SPEC, RunConfig(budget=1000, seed=4)))])
+    a = torch.cat([p.tokens for p in drive(make_strategy("random", SPEC, RunConfig(budget=1000, seed=3, batch_size=64)))])
+    b = torch.cat([p.tokens for p in drive(make_strategy("random", SPEC, RunConfig(budget=1000, seed=3, batch_size=999)))])
+    c = torch.cat([p.tokens for p in drive(make_strategy("random", SPEC, RunConfig(budget=1000, seed=4)))])
     assert a.shape == (1000, 20) and (a[:, 0] == 10).all() and (a[:, 1:] < 10).all()
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_random_resumes_with_the_same_sequences():
-    full = torch.cat([p.tokens for p in drain(make_strategy("random", SPEC, RunConfig(budget=500, batch_size=100)))])
+    full = torch.cat([p.tokens for p in drive(make_strategy("random", SPEC, RunConfig(budget=500, batch_size=100)))])
     first = make_strategy("random", SPEC, RunConfig(budget=500, batch_size=100))
     drain_two = [first.propose() for _ in range(1)]
     first.observe(drain_two[0], None)
     resumed = make_strategy("random", SPEC, RunConfig(budget=500, batch_size=100))
     resumed.load_state_dict(first.state_dict())
-    rest = torch.cat([p.tokens for p in drain(resumed)])
+    rest = torch.cat([p.tokens for p in drive(resumed)])
     assert torch.equal(full[100:], rest)
 
 
 def test_exhaustive_enumerates_every_prefix_once():
-    batches = drain(make_strategy("exhaustive", SPEC, RunConfig(max_len=3, batch_size=77)))
+    batches = drive(make_strategy("exhaustive", SPEC, RunConfig(max_len=3, batch_size=77)))
     seen = [SPEC.decode(row) for p in batches for row in p.tokens]
     assert len(seen) == len(set(seen)) == 10 + 100 + 1000
     assert seen[:3] == ["?a", "?b", "?c"] and seen[-1] == "?jjj"
@@ -52,7 +40,7 @@ def test_exhaustive_enumerates_every_prefix_once():
 def test_exhaustive_census_counts_match_a_direct_count(challenge):
     ev = Evaluator(challenge.weights, "cpu")
     strategy = make_strategy("exhaustive", SPEC, RunConfig(max_len=4, batch_size=3000))
-    drain(strategy, ev)
+    drive(strategy, ev)
     census = strategy.tables()["census.csv"]
     assert [r["length"] for r in census] == [1, 2, 3, 4]
     for row in census:
@@ -73,7 +61,7 @@ def test_prefix_sharing_census_is_identical_to_the_plain_path(challenge):
     census = {}
     for shared in (True, False):
         strategy = make_strategy("exhaustive", SPEC, RunConfig(max_len=5, batch_size=5000, shared_prefixes=shared))
-        batches = drain(strategy, ev)
+        batches = drive(strategy, ev)
         assert all(p.extension == shared for p in batches)
         census[shared] = strategy.tables()["census.csv"]
     assert census[True] == census[False]
@@ -83,12 +71,12 @@ def test_prefix_sharing_census_is_identical_to_the_plain_path(challenge):
 def test_prefix_sharing_resumes_from_saved_state(challenge):
     ev = Evaluator(challenge.weights, "cpu")
     whole = make_strategy("exhaustive", SPEC, RunConfig(max_len=4, batch_size=300))
-    drain(whole, ev)
+    drive(whole, ev)
     cut = make_strategy("exhaustive", SPEC, RunConfig(max_len=4, batch_size=300))
     for _ in range(7):
         p = cut.propose()
         cut.observe(p, judge(p.tokens, ev.evaluate(p), 10, 0.5, p.judge_from))
     resumed = make_strategy("exhaustive", SPEC, RunConfig(max_len=4, batch_size=300))
     resumed.load_state_dict(cut.state_dict())
-    drain(resumed, Evaluator(challenge.weights, "cpu"))  # a fresh evaluator holds no cached parents
+    drive(resumed, Evaluator(challenge.weights, "cpu"))  # a fresh evaluator holds no cached parents
     assert resumed.tables() == whole.tables()
