@@ -14,12 +14,6 @@ from .judge import judge
 from .model import LoadedModel
 
 
-def random_tokens(spec, n: int, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    body = torch.randint(0, spec.n_letters, (n, spec.seq_len - 1), generator=gen)
-    return torch.cat([torch.full((n, 1), spec.qmark), body], 1)
-
-
 def _rate(fn, n: int) -> float:
     start = time.perf_counter()
     fn()
@@ -32,7 +26,7 @@ def run_bench(model: LoadedModel, n: int = 100_000, batch_size: int = 512, devic
     """Measure everything in one process on the same data, so ratios are meaningful."""
     from strategies import RunConfig, make_strategy
 
-    tokens = random_tokens(model.spec, n)
+    tokens = model.spec.random_tokens(n, seed=0)
     evaluator = Evaluator(model.weights, device=device, batch_size=batch_size)
     with contextlib.redirect_stdout(io.StringIO()):  # the bridge announces device moves on stdout
         bridge = model.bridge.to(evaluator.device)

@@ -30,7 +30,7 @@ def _strategy_names() -> list[str]:
 @click.option("--strategy", type=click.Choice(_strategy_names()), default="random", show_default=True)
 @model_option
 @click.option("--budget", type=click.IntRange(min=1), default=10_000, show_default=True,
-              help="Sequences to evaluate (random, local, optuna).")
+              help="Sequences to evaluate (guided, random, local, optuna).")
 @click.option("--max-len", type=click.IntRange(min=1), default=5, show_default=True,
               help="Longest prefix, in tokens after '?' (exhaustive).")
 @click.option("--prefix-sharing/--no-prefix-sharing", default=True, show_default=True,
@@ -40,7 +40,8 @@ def _strategy_names() -> list[str]:
               help="Output folder (default: results/<run-id>).")
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Sequences per batch (default 4096; optuna: trials asked per batch, default 128).")
+              help="Sequences per batch (default 4096; exhaustive: prefixes per chunk, 65536; "
+                   "optuna: trials asked per batch, 128).")
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="A failure is 'confident' when p(predicted) is at least this.")
 @click.option("--length", type=int, default=None,
@@ -97,7 +98,7 @@ def run(strategy, model, budget, max_len, prefix_sharing, seed, out, device, bat
         raise click.UsageError("--cover-confusions applies to --strategy local, optuna or random")
     loaded = load_model(model)
     config = RunConfig(budget=budget, seed=seed, max_len=max_len,
-                       batch_size=batch_size or (128 if strategy == "optuna" else 4096),
+                       batch_size=batch_size or {"optuna": 128, "exhaustive": 65536}.get(strategy, 4096),
                        shared_prefixes=prefix_sharing, length=length, target_pos=target_pos,
                        target_true=target_true, target_pred=target_pred, cover_confusions=cover_confusions,
                        cover_threshold=cover_threshold, two_position_moves=two_position_moves, sampler=sampler,

@@ -30,12 +30,6 @@ from .judge import judge
 SUITES_DIR = Path("results") / "suites"
 
 
-def random_tokens(spec, n: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    body = torch.randint(0, spec.n_letters, (n, spec.seq_len - 1), generator=gen)
-    return torch.cat([torch.full((n, 1), spec.qmark, dtype=torch.long), body], 1)
-
-
 def random_section(model, tokens: torch.Tensor, evaluator: Evaluator, min_confidence: float) -> tuple[dict, list]:
     spec = model.spec
     j = judge(tokens, evaluator.logits(tokens), spec.qmark, min_confidence)
@@ -106,7 +100,7 @@ def compare_models(paths: list, *, sequences: int = 20_000, seed: int = 12345, s
     specs = {m.spec.vocab for m in models}
     if len(specs) > 1 or len({m.spec.seq_len for m in models}) > 1:
         raise AdvsearchError("the checkpoints have different vocabularies or context lengths; cannot compare")
-    tokens = random_tokens(models[0].spec, sequences, seed)
+    tokens = models[0].spec.random_tokens(sequences, seed)
     out: dict = {"models": [{"path": str(m.path), "sha256": m.sha256} for m in models],
                  "data": {"sequences": sequences, "seed": seed, "min_confidence": min_confidence}}  # fmt: skip
     randoms, cats = [], []

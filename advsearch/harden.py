@@ -226,8 +226,7 @@ def _harden(model_path, failures, out, o: HardenOptions, progress, provenance) -
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        rand = torch.cat([torch.full((n_rand, 1), spec.qmark),
-                          torch.randint(0, spec.n_letters, (n_rand, spec.seq_len - 1), generator=gen)], 1)  # fmt: skip
+        rand = spec.random_tokens(n_rand, gen)
         idx = torch.randint(0, len(pool), (n_fail,), generator=gen)
         aug = relabel(pool[idx], lengths[idx], spec, gen)
         tokens = torch.cat([rand, aug])

@@ -88,9 +88,7 @@ REFERENCE_SEED = 42
 
 def reference_batch(spec, n: int = REFERENCE_N, seed: int = REFERENCE_SEED) -> torch.Tensor:
     """`?` then seq_len-1 random letters, n rows, from a private generator seeded `seed`."""
-    g = torch.Generator().manual_seed(seed)
-    body = torch.randint(0, spec.n_letters, (n, spec.seq_len - 1), generator=g)
-    return torch.cat([torch.full((n, 1), spec.qmark, dtype=torch.long), body], 1)
+    return spec.random_tokens(n, seed)
 
 
 @torch.no_grad()

@@ -379,9 +379,7 @@ def _guards(evaluator, spec, failures, taken: set[str], options: BuildOptions, e
     if options.near_misses <= 0 and options.typical <= 0:
         return guards
     # a seeded pool of training-distribution prefixes (every position >= 1 of `pool` sequences)
-    gen = torch.Generator().manual_seed(options.seed)
-    body = torch.randint(0, n_letters, (options.pool, spec.seq_len - 1), generator=gen)
-    full = torch.cat([torch.full((options.pool, 1), q, dtype=torch.long), body], 1)
+    full = spec.random_tokens(options.pool, options.seed)
     logits = evaluator.logits(full).double()  # [pool, L, V]
     from .oracle import first_unique
 

@@ -151,9 +151,7 @@ def make_dataset(n: int, seed: int, spec: ModelSpec = ModelSpec()) -> torch.Tens
     Uses a private generator seeded with `seed`, which yields the same tokens as the
     global RNG after `torch.manual_seed(seed)`.
     """
-    gen = torch.Generator().manual_seed(seed)
-    body = torch.randint(0, spec.n_letters, (n, spec.seq_len - 1), generator=gen)
-    return torch.cat([torch.full((n, 1), spec.qmark, dtype=torch.long), body], 1)
+    return spec.random_tokens(n, seed)
 
 
 @torch.no_grad()
