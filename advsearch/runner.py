@@ -46,11 +46,12 @@ def run_identifier(model: LoadedModel, strategy, min_confidence: float) -> str:
 
 def failure_rows(judged: Judged, proposal, log: FailureLog, spec, run_id: str, strategy: str):
     """One row per failing prefix not written before, in (row, position) order."""
-    rows = []
+    rows, batch_seen = [], set()
     for b, k in judged.failing().tolist():
         prefix = spec.decode(judged.tokens[b, : k + 1].tolist())
-        if not log.is_new(prefix) or any(r["sequence"] == prefix for r in rows[-8:]):
+        if not log.is_new(prefix) or prefix in batch_seen:
             continue
+        batch_seen.add(prefix)
         rows.append({
             "run_id": run_id, "strategy": strategy, "sequence": prefix, "position": k,
             "true": spec.vocab[int(judged.true[b, k])], "predicted": spec.vocab[int(judged.pred[b, k])],
