@@ -468,26 +468,19 @@ class Explainer:
         def relabel(perm: dict[int, int]) -> tuple[int, ...]:
             return tuple(perm.get(x, x) for x in p)
 
+        def swap_out(x: int, kind: str, moving: str) -> _Plan:
+            """Swap letter x with a spare letter of another head's set (the first candidate)."""
+            cands = self._spare(counts, {t, pr}, R[x])
+            if not cands:
+                return _Plan("none", f"no letter outside {_head(R[x])}'s set to relabel {V[x]!r} to")
+            y = cands[0]
+            return _Plan(kind, f"relabel {V[x]!r}<->{V[y]!r}, moving {moving} from {_head(R[x])} to "
+                               f"{_head(R[y])}'s set", relabel({x: y, y: x}))  # fmt: skip
+
         if cat in ("qmark_expected", "duplicate_not_suppressed"):
-            cands = [y for y in self._spare(counts, {t, pr}, R[pr])]
-            if not cands:
-                return _Plan("none", f"no letter outside {_head(R[pr])}'s set to relabel {V[pr]!r} to")
-            y = cands[0]
-            return _Plan(
-                "relabel_pred",
-                f"relabel {V[pr]!r}<->{V[y]!r}, moving {V[pr]!r} from {_head(R[pr])} to {_head(R[y])}'s set",
-                relabel({pr: y, y: pr}),
-            )
+            return swap_out(pr, "relabel_pred", repr(V[pr]))
         if cat in ("unique_missed_qmark", "first_instance_missed"):
-            cands = [y for y in self._spare(counts, {t, pr}, R[t])]
-            if not cands:
-                return _Plan("none", f"no letter outside {_head(R[t])}'s set to relabel {V[t]!r} to")
-            y = cands[0]
-            return _Plan(
-                "relabel_true",
-                f"relabel {V[t]!r}<->{V[y]!r}, moving the answer from {_head(R[t])} to {_head(R[y])}'s set",
-                relabel({t: y, y: t}),
-            )
+            return swap_out(t, "relabel_true", "the answer")
         if cat in ("overloaded_head", "absent_letter_predicted"):
             H = load_head
             movers = [d for d in range(q) if counts[d] >= 2 and R[d] == H and d not in (t, pr)]
