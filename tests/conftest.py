@@ -47,3 +47,35 @@ def drive(strategy, evaluator=None, limit=None) -> list:
         strategy.observe(p, judge(p.tokens, logits, 10, 0.5, p.judge_from))
         out.append(p)
     return out
+
+
+def invoke(*args):
+    """Run the advsearch CLI in-process (arguments stringified)."""
+    from click.testing import CliRunner
+
+    from advsearch.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def rows(path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def interrupt_judging(monkeypatch, at_call: int):
+    """Make the runner's judge raise KeyboardInterrupt on call `at_call`; returns an undo function."""
+    from advsearch import runner
+
+    real, calls = runner.judge, {"n": 0}
+
+    def judge_then_interrupt(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "judge", judge_then_interrupt)
+    return lambda: monkeypatch.setattr(runner, "judge", real)

@@ -1,17 +1,11 @@
-import csv
 import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from advsearch import runner as runner_module
-from advsearch.cli import main
 from advsearch.model import read_state_dict
 
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+from .conftest import interrupt_judging, invoke, rows
 
 
 def one_line_error(result, code=2):
@@ -20,11 +14,6 @@ def one_line_error(result, code=2):
     assert len(lines) == 1 and lines[0].startswith("advsearch: error:"), result.stderr
     assert "Traceback" not in result.output
     return lines[0]
-
-
-def rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def test_random_run_writes_results_and_is_byte_identical(tmp_path, challenge_path):
@@ -53,22 +42,14 @@ def test_interrupted_run_resumes_without_losing_or_duplicating_rows(tmp_path, ch
     args = ["run", "--strategy", "random", "--budget", 4000, "--batch-size", 500, "--model", challenge_path, "--quiet"]
     assert invoke(*args, "--out", tmp_path / "whole").exit_code == 0
 
-    real_judge, calls = runner_module.judge, {"n": 0}
-
-    def judge_then_interrupt(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_judge(*a, **k)
-
-    monkeypatch.setattr(runner_module, "judge", judge_then_interrupt)
+    undo = interrupt_judging(monkeypatch, at_call=4)
     interrupted = invoke(*args, "--out", tmp_path / "cut")
     line = one_line_error(interrupted, code=130)
     assert "--resume" in line
     kept = rows(tmp_path / "cut/failures.csv")
     assert json.loads((tmp_path / "cut/summary.json").read_text())["status"] == "interrupted"
     assert kept, "rows found before the interruption are on disk"
-    monkeypatch.setattr(runner_module, "judge", real_judge)
+    undo()
     resumed = invoke(*args, "--out", tmp_path / "cut", "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert (tmp_path / "cut/failures.csv").read_bytes() == (tmp_path / "whole/failures.csv").read_bytes()

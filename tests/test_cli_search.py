@@ -1,21 +1,10 @@
-import csv
 import json
 
 import optuna
-from click.testing import CliRunner
 
-from advsearch import runner as runner_module
-from advsearch.cli import main
 from strategies.optuna import open_storage
 
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+from .conftest import interrupt_judging, invoke, rows
 
 
 def test_local_cover_run_prints_the_matrix_and_resumes_byte_identically(tmp_path, challenge_path, monkeypatch):
@@ -31,17 +20,9 @@ def test_local_cover_run_prints_the_matrix_and_resumes_byte_identically(tmp_path
     summary = json.loads((tmp_path / "whole/summary.json").read_text())
     assert "confusions.csv" in summary["files"] and summary["params"]["cover_confusions"] is True
 
-    real_judge, calls = runner_module.judge, {"n": 0}
-
-    def judge_then_interrupt(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real_judge(*a, **k)
-
-    monkeypatch.setattr(runner_module, "judge", judge_then_interrupt)
+    undo = interrupt_judging(monkeypatch, at_call=6)
     assert invoke(*args, "--out", tmp_path / "cut").exit_code == 130
-    monkeypatch.setattr(runner_module, "judge", real_judge)
+    undo()
     resumed = invoke(*args, "--out", tmp_path / "cut", "--resume")
     assert resumed.exit_code == 0, resumed.output
     for name in ("failures.csv", "confusions.csv"):

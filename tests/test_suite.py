@@ -10,28 +10,18 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
 
-import click
 import pytest
 import torch
-from click.testing import CliRunner
 
-from advsearch.cli import main
-from advsearch.cli_suite import compare, harden, regress, suite
 from advsearch.errors import AdvsearchError
 from advsearch.model import load_model, read_state_dict
 from advsearch.suite import judge_last, pad_prefixes, read_suite
 from advsearch.evaluator import Evaluator
 from advsearch.testing import assert_robust, evaluate_suite
 
+from .conftest import invoke
+
 REPO = Path(__file__).resolve().parents[1]
-cli = click.Group("advsearch", commands=dict(main.commands))
-for command in (suite, regress, compare, harden):
-    cli.commands.setdefault(command.name, command)
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
 
 def ok(result):
     assert result.exit_code == 0, result.output
