@@ -51,7 +51,7 @@ def test_known_failure(challenge, explainer):
     cols = ex.columns()
     assert tuple(cols) == CSV_COLUMNS
     assert cols["resp_head_true"] == "1.1" and cols["resp_head_pred"] == "1.2"
-    assert ex.check in CHECK_RESULTS and ex.check_detail.startswith("unload 1.1")
+    assert ex.distraction >= 0.5 and ex.check == "confirmed" and ex.check_detail.startswith("refocus 1.2")
     text = ex.format_text()
     assert "overloaded_head" in text and "deciding path" in text
 
@@ -82,19 +82,36 @@ def test_explanations_are_well_formed(explained):
         json.loads(ex.to_json())
 
 
-def test_checks_are_interventions_that_can_fail(challenge, explained):
-    """Every check ran the model on a different prefix; the outcome is what the model says there; and both
-    outcomes occur (a check that cannot fail would never be refuted)."""
+def _refocused(explainer, ex, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefix of `ex` and L1 head `head`'s attention at k without other heads' letters (t*, p aside)."""
+    spec, R = explainer.spec, explainer.R
+    toks = spec.encode(ex.sequence)
+    t, p = (spec.vocab.index(c) for c in (ex.true, ex.predicted))
+    pattern = explainer.model.bridge.run_with_cache(toks[None])[1]["blocks.1.attn.hook_pattern"][0, head, -1]
+    foreign = torch.tensor([x != spec.qmark and R[x] != head and x not in (t, p) for x in toks.tolist()])
+    kept = pattern * ~foreign
+    return toks, kept / kept.sum()
+
+
+def test_checks_are_interventions_that_can_fail(challenge, explainer, explained):
+    """Every check ran the model on an intervened prefix or attention pattern; the outcome is what the model
+    says there; and both outcomes occur (a check that cannot fail would never be refuted)."""
     _, exs = explained
     ran = [ex for ex in exs if ex.check != "none"]
     outcomes = Counter(ex.check for ex in ran)
     assert outcomes["confirmed"] > 0 and outcomes["refuted"] > 0
     ev = Evaluator(challenge.weights, "cpu")
     for ex in ran[:300]:
-        assert ex.check_sequence != ex.sequence and len(ex.check_sequence) == len(ex.sequence)
         toks = challenge.spec.encode(ex.check_sequence)
         truth = challenge.spec.vocab[int(first_unique(toks)[-1])]
-        said = challenge.spec.vocab[int(ev.logits(toks[None])[0, -1].argmax())]
+        if ex.extra["check_kind"] == "refocus":  # same prefix, r(p)'s attention edited
+            assert ex.check_sequence == ex.sequence
+            _, pattern = _refocused(explainer, ex, ex.resp_head_pred)
+            logits = explainer.edited_logits(toks[None], [ex.resp_head_pred], [pattern])
+        else:
+            assert ex.check_sequence != ex.sequence and len(ex.check_sequence) == len(ex.sequence)
+            logits = ev.logits(toks[None])[:, -1]
+        said = challenge.spec.vocab[int(logits[0].argmax())]
         assert (truth, said) == (ex.check_expected, ex.check_predicted)
         assert (ex.check == "confirmed") == (truth == said)
     for cat in {ex.category for ex in ran}:  # per category, the check is not a constant
@@ -103,9 +120,28 @@ def test_checks_are_interventions_that_can_fail(challenge, explained):
             assert per["refuted"] > 0, cat
 
 
+def test_refocus_is_specific_to_the_predicted_letters_head(explainer, explained):
+    """The refocus edit on r(p) fixes far more failures than the same edit on the other L1 head (the control)."""
+    _, exs = explained
+    rates = {}
+    for cat in ("qmark_expected", "duplicate_not_suppressed", "overloaded_head"):
+        picked = [ex for ex in exs if ex.category == cat and ex.check != "none"]
+        fixed = 0
+        for ex in picked:
+            control = ({0, 1, 2} - {ex.resp_head_pred, ex.resp_head_true}).pop()
+            toks, pattern = _refocused(explainer, ex, control)
+            said = int(explainer.edited_logits(toks[None], [control], [pattern])[0].argmax())
+            fixed += said == int(first_unique(toks)[-1])
+        confirmed = sum(ex.check == "confirmed" for ex in picked) / len(picked)
+        rates[cat] = (round(confirmed, 3), round(fixed / len(picked), 3), len(picked))
+    print(f"\nrefocus r(p) vs control head (fraction fixed, n): {rates}")
+    for cat, (on_rp, on_control, n) in rates.items():
+        assert n >= 20 and on_rp >= on_control + 0.3, cat
+
+
 def test_fraction_categorised_and_confirmed(explained):
-    """Measured on random failures of the challenge checkpoint. The issue's targets are >= 80% categorised
-    (met: ~99.9%) and >= 90% of those confirmed (not met: ~85%; see the closing note for why)."""
+    """Measured on random failures of the challenge checkpoint; the issue's targets: >= 80% categorised and
+    >= 90% of those confirmed (10k sequences, seed 0: 99.85% and 90.4%)."""
     _, exs = explained
     categorised = [ex for ex in exs if ex.category != "other"]
     confirmed = sum(ex.check == "confirmed" for ex in categorised)
@@ -113,7 +149,7 @@ def test_fraction_categorised_and_confirmed(explained):
     print(f"\n{len(exs)} failures: {frac_cat:.3f} categorised, {frac_conf:.3f} of those confirmed; "
           f"{Counter(ex.category for ex in exs).most_common()}")  # fmt: skip
     assert frac_cat >= 0.80
-    assert frac_conf >= 0.80
+    assert frac_conf >= 0.90
     cats = Counter(ex.category for ex in exs)
     for name in ("qmark_expected", "unique_missed_qmark", "first_instance_missed", "duplicate_not_suppressed",
                  "overloaded_head", "later_unique_preferred"):  # fmt: skip
