@@ -152,6 +152,12 @@ class Explanation:
     extra: dict = field(default_factory=dict)
 
     @property
+    def check_ran(self) -> str:
+        """What the check ran the model on."""
+        refocus = self.extra.get("check_kind") == "refocus"
+        return f"{self.check_sequence} with the attention edit" if refocus else self.check_sequence
+
+    @property
     def margin(self) -> float:
         return self.logit_pred - self.logit_true
 
@@ -191,8 +197,7 @@ class Explanation:
             f"  check      {self.check}: {self.check_detail}",
         ]
         if self.check_sequence:
-            ran = "the same prefix, attention edited" if self.extra.get("check_kind") == "refocus" else self.check_sequence
-            lines.append(f"             ran {ran}: expected {self.check_expected!r}, model says {self.check_predicted!r}")
+            lines.append(f"             ran {self.check_ran}: expected {self.check_expected!r}, model says {self.check_predicted!r}")
         lines.append("  direct logit attribution at k (true / pred / pred-true):")
         for name, v in self.components.items():
             lines.append(f"    {name:<7} {v['true']:8.2f} {v['pred']:8.2f} {v['pred'] - v['true']:+8.2f}")
