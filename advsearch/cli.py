@@ -73,12 +73,16 @@ def _strategy_names() -> list[str]:
               help="Add a `minimized` column: each failure shrunk by `advsearch minimize`.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its last finished batch.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in the output folder.")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="exhaustive: 'ray' shards the prefix tree onto Ray tasks (same results; needs advsearch[ray]).")
+@click.option("--ray-address", default=None,
+              help="--backend ray: the cluster to join (auto, HOST:PORT, ray://HOST:10001); default: a local Ray.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
 def run(strategy, model, budget, max_len, prefix_sharing, seed, out, device, batch_size, min_confidence, length,
         target_pos, target_true, target_pred, cover_confusions, cover_threshold, two_position_moves, sampler,
         storage, study_name, seed_from, families, compare_random, explain, minimize_rows, resume, overwrite,
-        quiet) -> None:  # fmt: skip
+        backend, ray_address, quiet) -> None:  # fmt: skip
     """Search for failures with a strategy and write failures.csv and summary.json."""
     from strategies import STRATEGIES, RunConfig, make_strategy
 
@@ -96,7 +100,18 @@ def run(strategy, model, budget, max_len, prefix_sharing, seed, out, device, bat
         raise click.UsageError(f"{', '.join(given)} only apply to --strategy local or optuna")
     if cover_confusions and strategy == "exhaustive":
         raise click.UsageError("--cover-confusions applies to --strategy local, optuna or random")
+    if backend == "ray" and strategy != "exhaustive":
+        raise click.UsageError("--backend ray applies to --strategy exhaustive")
+    if backend == "ray" and not prefix_sharing:
+        raise click.UsageError("--backend ray shards the prefix-sharing tree; drop --no-prefix-sharing")
+    if ray_address is not None and backend != "ray":
+        raise click.UsageError("--ray-address needs --backend ray")
     loaded = load_model(model)
+    ray_backend = None
+    if backend == "ray":
+        from .scaleout import RayBackend
+
+        ray_backend = RayBackend(ray_address, device)
     config = RunConfig(budget=budget, seed=seed, max_len=max_len,
                        batch_size=batch_size or {"optuna": 128, "exhaustive": 65536}.get(strategy, 4096),
                        shared_prefixes=prefix_sharing, length=length, target_pos=target_pos,
@@ -121,8 +136,8 @@ def run(strategy, model, budget, max_len, prefix_sharing, seed, out, device, bat
         from .explain import Explainer
 
         explainer = Explainer(loaded, config.tables)
-    s = run_search(loaded, strat, out, evaluator, min_confidence=min_confidence, resume=resume,
-                   overwrite=overwrite, explainer=explainer, minimizer=minimizer, progress=not quiet)  # fmt: skip
+    s = run_search(loaded, strat, out, evaluator, min_confidence=min_confidence, resume=resume, overwrite=overwrite,
+                   explainer=explainer, minimizer=minimizer, progress=not quiet, backend=ray_backend)  # fmt: skip
     if getattr(strat, "table", None) is not None:
         click.echo(strat.table.matrix())
     rate = s["failures"] / s["positions"] if s["positions"] else 0.0

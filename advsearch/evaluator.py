@@ -97,6 +97,8 @@ class Evaluator:
     def evaluate(self, proposal) -> torch.Tensor:
         """Logits for a strategy's proposal: all positions, or the last one for extension batches."""
         if proposal.extension:
+            for tokens in proposal.warmup:
+                self.extension_logits(tokens, cache=True)
             return self.extension_logits(proposal.tokens, proposal.cache)
         return self.logits(proposal.tokens)
 

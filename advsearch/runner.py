@@ -1,7 +1,10 @@
 """The search loop: strategy -> evaluator -> judge -> (explainer) -> results.
 
-One readable loop; everything it writes survives an interruption, and
-`resume=True` continues from the last finished batch without duplicating rows.
+One readable loop over *steps*: a step is a judged batch's candidate failure
+rows and counts. Locally a step is one propose -> evaluate -> judge -> observe
+round (`local_steps`); a scale-out backend (`advsearch.scaleout`) yields whole
+shards computed elsewhere. Everything the loop writes survives an interruption,
+and `resume=True` continues from the last finished step without duplicating rows.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import importlib.metadata
 import json
 import platform
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,22 +49,56 @@ def run_identifier(model: LoadedModel, strategy, min_confidence: float) -> str:
     return f"{strategy.name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-def failure_rows(judged: Judged, proposal, log: FailureLog, spec, run_id: str, strategy: str):
-    """One row per failing prefix not written before, in (row, position) order."""
-    rows, batch_seen = [], set()
+@dataclass
+class Step:
+    """One finished piece of work: candidate failure rows (in order, duplicates kept) and what was evaluated."""
+
+    rows: list[dict]
+    sequences: int
+    positions: int
+    hits: int  # sequences with a failure at p_pred >= YIELD_CONFIDENCE
+
+
+def candidate_rows(judged: Judged, proposal, spec, run_id: str, strategy: str) -> list[dict]:
+    """One row per judged failure, in (row, position) order; the same prefix may come more than once."""
+    rows = []
     for b, k in judged.failing().tolist():
-        prefix = spec.decode(judged.tokens[b, : k + 1].tolist())
-        if not log.is_new(prefix) or prefix in batch_seen:
-            continue
-        batch_seen.add(prefix)
         rows.append({
-            "run_id": run_id, "strategy": strategy, "sequence": prefix, "position": k,
-            "true": spec.vocab[int(judged.true[b, k])], "predicted": spec.vocab[int(judged.pred[b, k])],
+            "run_id": run_id, "strategy": strategy, "sequence": spec.decode(judged.tokens[b, : k + 1].tolist()),
+            "position": k, "true": spec.vocab[int(judged.true[b, k])], "predicted": spec.vocab[int(judged.pred[b, k])],
             "p_true": float(judged.p_true[b, k]), "p_pred": float(judged.p_pred[b, k]),
             "margin": float(judged.margin[b, k]), "confident": bool(judged.confident[b, k]),
             **{c: v[b] for c, v in proposal.columns.items()},
         })  # fmt: skip
     return rows
+
+
+def new_rows(rows: list[dict], log: FailureLog) -> list[dict]:
+    """The rows whose prefix is not in the log yet, each prefix once (its first row)."""
+    out, seen = [], set()
+    for row in rows:
+        if log.is_new(row["sequence"]) and row["sequence"] not in seen:
+            seen.add(row["sequence"])
+            out.append(row)
+    return out
+
+
+def local_step(strategy, evaluator: Evaluator, min_confidence: float, run_id: str) -> Step | None:
+    """Propose, evaluate, judge and observe one batch; None when the strategy has finished."""
+    proposal = strategy.propose()
+    if proposal is None:
+        return None
+    logits = evaluator.evaluate(proposal)
+    judged = judge(proposal.tokens, logits, strategy.spec.qmark, min_confidence, proposal.judge_from)
+    strategy.observe(proposal, judged)
+    rows = candidate_rows(judged, proposal, strategy.spec, run_id, strategy.name)
+    return Step(rows, len(proposal.tokens), int(judged.judged.sum()), int(judged.hits().sum()))
+
+
+def local_steps(strategy, evaluator: Evaluator, min_confidence: float, run_id: str) -> Iterator[Step]:
+    """Steps in this process until the strategy has finished."""
+    while (step := local_step(strategy, evaluator, min_confidence, run_id)) is not None:
+        yield step
 
 
 def run_search(
@@ -74,8 +113,13 @@ def run_search(
     explainer=None,
     minimizer=None,
     progress: bool = True,
+    backend=None,
 ) -> dict:
-    """Run `strategy` to completion, writing into `out_dir` (default results/<run id>); returns the summary."""
+    """Run `strategy` to completion, writing into `out_dir` (default results/<run id>); returns the summary.
+
+    `backend` (e.g. `advsearch.scaleout.RayBackend`) computes the steps elsewhere; None computes them here.
+    The run id and the results do not depend on it, so a run can be resumed with another backend.
+    """
     spec, run_id = model.spec, run_identifier(model, strategy, min_confidence)
     out_dir = Path(out_dir) if out_dir is not None else Path("results") / run_id
     columns = FAILURE_COLUMNS + strategy.extra_columns + (EXPLAIN_COLUMNS if explainer else ())
@@ -108,7 +152,7 @@ def run_search(
             "run_id": run_id, "status": status, "out_dir": str(out_dir), "model": str(model.path), "model_sha256": model.sha256,
             "spec": spec.to_dict(), "strategy": strategy.name, "params": strategy.params(),
             "seed": strategy.params().get("seed"), "min_confidence": min_confidence,
-            "device": str(evaluator.device), "versions": versions(),
+            "device": str(evaluator.device), "backend": backend.name if backend else "local", "versions": versions(),
             "sequences": counters["sequences"], "positions": counters["positions"],
             "failures": counters["failures"], "confident_failures": log.confident,
             "sequences_with_confident_failure": counters["hits"],
@@ -126,16 +170,14 @@ def run_search(
 
     bar = tqdm(total=strategy.total(), initial=counters["sequences"], unit="seq", desc=strategy.name,
                disable=not progress, dynamic_ncols=True)  # fmt: skip
+    if backend is None:
+        steps = local_steps(strategy, evaluator, min_confidence, run_id)
+    else:
+        steps = backend.steps(model, strategy, evaluator, min_confidence, run_id)
     try:
-        while True:
-            start = time.perf_counter()
-            proposal = strategy.propose()
-            if proposal is None:
-                break
-            logits = evaluator.evaluate(proposal)
-            judged = judge(proposal.tokens, logits, spec.qmark, min_confidence, proposal.judge_from)
-            strategy.observe(proposal, judged)
-            rows = failure_rows(judged, proposal, log, spec, run_id, strategy.name)
+        start = time.perf_counter()
+        for step in steps:
+            rows = new_rows(step.rows, log)
             if explainer is not None and rows:
                 items = [(spec.encode(r["sequence"]), r["position"]) for r in rows]
                 for row, expl in zip(rows, explainer.explain_many(items)):
@@ -143,16 +185,18 @@ def run_search(
             if minimizer is not None and rows:
                 minimizer.annotate(rows)  # fills the `minimized` column (advsearch.minimize)
             log.write(rows)
-            counters["sequences"] += len(proposal.tokens)
-            counters["positions"] += int(judged.judged.sum())
+            counters["sequences"] += step.sequences
+            counters["positions"] += step.positions
             counters["failures"] += len(rows)
-            counters["hits"] += int(judged.hits().sum())
+            counters["hits"] += step.hits
             counters["wall_seconds"] += time.perf_counter() - start
             write_json(state_path, {"identity": identity, "finished": False, "csv_bytes": log.offset,
                                     "counters": counters, "strategy_state": strategy.state_dict()})  # fmt: skip
-            bar.update(len(proposal.tokens))
+            bar.update(step.sequences)
             bar.set_postfix(failures=counters["failures"], refresh=False)
+            start = time.perf_counter()
     except KeyboardInterrupt:
+        steps.close()  # a backend cancels the work still outstanding
         bar.close()
         log.close()
         summary("interrupted")

@@ -65,7 +65,10 @@ class Proposal:
     `extension=True` promises that the rows are every one-letter extension of
     consecutive parent prefixes, parent-major; the evaluator then computes only
     their last position from the parents' cached keys/values (`cache=True` keeps
-    this batch's keys/values for its own extensions).
+    this batch's keys/values for its own extensions). `warmup` lists extension
+    batches to compute and cache first, unjudged: the chunks an uninterrupted run
+    evaluated on the way down to this one, so that after a resume (or in a shard
+    of a scaled-out run) the cached keys/values are bit-identical to that run's.
     """
 
     tokens: torch.Tensor
@@ -73,6 +76,7 @@ class Proposal:
     columns: dict[str, list] = field(default_factory=dict)  # extra per-row CSV columns
     extension: bool = False
     cache: bool = False
+    warmup: list[torch.Tensor] = field(default_factory=list)
 
 
 class Strategy:

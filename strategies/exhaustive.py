@@ -9,6 +9,12 @@ extension of a run of parents whose keys/values the evaluator still holds, so a
 new prefix costs one token and memory stays bounded by max_len chunks. Without
 it (`shared=False`) each depth is enumerated in full, with full forwards. Both
 visit the prefixes of one length in lexicographic order and give the same census.
+
+A chunk and everything below it (its *subtree*) can be computed on its own:
+`start_at(item)` restricts a strategy to one todo item's subtree, and `absorb`
+merges such a shard's census back in order (`advsearch.scaleout` does this on
+Ray). The first chunk a strategy proposes recomputes, as warm-up, the chunks on
+the path down to it, so its numbers are bit-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class ExhaustiveStrategy(Strategy):
         # Work still to do, as (depth, first index, stop index); the last item is next.
         self.todo: list[tuple[int, int, int]] = [(1, 0, t)] if self.shared else [(1, 0, min(t, self.chunk))]
         self.census: dict[int, dict] = {}
+        self.warm = False  # the evaluator holds the parents of todo[-1] (after the first observed chunk)
 
     def params(self) -> dict:
         return {"max_len": self.config.max_len, "shared_prefixes": self.shared}
@@ -51,9 +58,23 @@ class ExhaustiveStrategy(Strategy):
     def propose(self) -> Proposal | None:
         if not self.todo:
             return None
+        t, q = self.spec.n_letters, self.spec.qmark
         depth, start, stop = self.todo[-1]
-        tokens = prefixes(depth, start, stop, self.spec.n_letters, self.spec.qmark)
-        return Proposal(tokens, judge_from=depth, extension=self.shared, cache=depth < self.config.max_len)
+        warmup = [] if self.warm or not self.shared else [prefixes(*c, t, q) for c in self._path(self.todo[-1])]
+        return Proposal(prefixes(depth, start, stop, t, q), judge_from=depth, extension=self.shared,
+                        cache=depth < self.config.max_len, warmup=warmup)  # fmt: skip
+
+    def _path(self, item: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+        """The chunks an uninterrupted run evaluates before `item` on its way down from the root, root first."""
+        depth, start, _ = item
+        t, path, chunk = self.spec.n_letters, [], (1, 0, self.spec.n_letters)
+        while chunk[0] < depth:
+            path.append(chunk)
+            d, lo, hi = chunk
+            child = start // t ** (depth - d - 1)  # the ancestor of `item`'s first prefix at depth d + 1
+            first = lo * t + (child - lo * t) // self.chunk * self.chunk
+            chunk = (d + 1, first, min(first + self.chunk, hi * t))
+        return path
 
     def _advance(self, depth: int, start: int, stop: int) -> None:
         t, count = self.spec.n_letters, self.spec.n_letters**depth
@@ -66,18 +87,49 @@ class ExhaustiveStrategy(Strategy):
         elif depth < self.config.max_len:
             self.todo.append((depth + 1, 0, min(t ** (depth + 1), self.chunk)))
 
-    def observe(self, proposal, judged) -> None:
-        depth, start, stop = self.todo.pop()
+    def _count(self, depth: int, n: int, failures: int, confident: int, example: str) -> None:
+        """Add n prefixes' counts to the census row of `depth`; the first example (in visiting order) stays."""
         row = self.census.setdefault(depth, {"length": depth, "prefixes": 0, "failures": 0,
                                              "confident_failures": 0, "failure_rate": 0.0, "example": ""})  # fmt: skip
-        last_fail = judged.failure[:, -1]
-        row["prefixes"] += len(proposal.tokens)
-        row["failures"] += int(last_fail.sum())
-        row["confident_failures"] += int(judged.confident[:, -1].sum())
+        row["prefixes"] += n
+        row["failures"] += failures
+        row["confident_failures"] += confident
         row["failure_rate"] = row["failures"] / row["prefixes"]
-        if not row["example"] and last_fail.any():
-            row["example"] = self.spec.decode(proposal.tokens[int(last_fail.nonzero()[0])])
+        row["example"] = row["example"] or example
+
+    def observe(self, proposal, judged) -> None:
+        depth, start, stop = self.todo.pop()
+        last_fail = judged.failure[:, -1]
+        example = self.spec.decode(proposal.tokens[int(last_fail.nonzero()[0])]) if last_fail.any() else ""
+        self._count(depth, len(proposal.tokens), int(last_fail.sum()), int(judged.confident[:, -1].sum()), example)
         self._advance(depth, start, stop)
+        self.warm = True
+
+    # Shards: a todo item's whole subtree, computed by another strategy object (another process).
+
+    def pending(self) -> list[tuple[int, int, int]]:
+        """The todo items, next first; each stands for its whole subtree, and subtrees are visited in this order."""
+        return self.todo[::-1]
+
+    def subtree_size(self, item: tuple[int, int, int]) -> int:
+        """Prefixes in `item`'s chunk and every chunk below it."""
+        depth, start, stop = item
+        return (stop - start) * sum(self.spec.n_letters**k for k in range(self.config.max_len - depth + 1))
+
+    def start_at(self, item: tuple[int, int, int]) -> ExhaustiveStrategy:
+        """Restrict this strategy to `item`'s subtree, with an empty census (a shard of a larger run)."""
+        if not self.shared:
+            raise AdvsearchError("exhaustive shards need prefix sharing")
+        self.todo, self.census, self.warm = [tuple(item)], {}, False
+        return self
+
+    def absorb(self, item: tuple[int, int, int], census: list[dict]) -> None:
+        """Count the next todo item's subtree as done, from the census rows of the shard that computed it."""
+        if not self.todo or self.todo[-1] != tuple(item):
+            raise ValueError(f"shard {item} is not the next todo item")
+        self.todo.pop()
+        for r in census:
+            self._count(r["length"], r["prefixes"], r["failures"], r["confident_failures"], r["example"])
 
     def state_dict(self) -> dict:
         return {"todo": [list(item) for item in self.todo], "census": list(self.census.values())}
@@ -85,6 +137,7 @@ class ExhaustiveStrategy(Strategy):
     def load_state_dict(self, state: dict) -> None:
         self.todo = [tuple(item) for item in state["todo"]]
         self.census = {int(r["length"]): dict(r) for r in state["census"]}
+        self.warm = False
 
     def tables(self) -> dict[str, list[dict]]:
         return {"census.csv": [self.census[n] for n in sorted(self.census)]}
