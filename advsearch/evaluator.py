@@ -67,21 +67,23 @@ def fused_forward(fw: FusedWeights, tokens: torch.Tensor) -> torch.Tensor:
     """Logits [batch, seq, vocab] for token ids [batch, seq] (already on fw's device)."""
     batch, seq = tokens.shape
     h, dh = fw.n_heads, fw.d_head
-    x = fw.W_E[tokens] + fw.W_pos[:seq]
-    mask = fw.causal[:seq, :seq]
+    x = (fw.W_E[tokens] + fw.W_pos[:seq]).view(batch * seq, -1)
+    mask = fw.causal[:seq, :seq].expand(batch, seq, seq)
     for layer in range(fw.W_qkv.shape[0]):
         if layer == 0:
             qkv = fw.qkv0[tokens * fw.W_pos.shape[0] + torch.arange(seq, device=tokens.device)]
         else:
-            xn = F.layer_norm(x, x.shape[-1:], eps=fw.eps).view(batch * seq, -1)
-            qkv = torch.addmm(fw.b_qkv[layer], xn, fw.W_qkv[layer])
-        q, k, v = qkv.view(batch, seq, 3, h, dh).permute(2, 0, 3, 1, 4).reshape(3, batch * h, seq, dh)
-        # plain batched matmuls beat scaled_dot_product_attention for 20-token sequences on the CPU
-        scores = torch.baddbmm(mask.expand(batch * h, seq, seq), q, k.transpose(1, 2), alpha=dh**-0.5)
-        z = torch.bmm(scores.softmax(-1), v).view(batch, h, seq, dh).transpose(1, 2).reshape(batch * seq, h * dh)
-        x = x + torch.addmm(fw.b_out[layer], z, fw.W_out[layer]).view(batch, seq, -1)
+            qkv = torch.addmm(fw.b_qkv[layer], F.layer_norm(x, x.shape[-1:], eps=fw.eps), fw.W_qkv[layer])
+        # Per head, q/k/v are strided views of the projection (no permute copies; measured ~1.3x faster
+        # than one batched [batch*heads] attention on the CPU), and each head's output is added in place.
+        q, k, v = qkv.view(batch, seq, 3, h, dh).unbind(2)
+        x = x + fw.b_out[layer]
+        for i in range(h):
+            scores = torch.baddbmm(mask, q[:, :, i], k[:, :, i].transpose(1, 2), alpha=dh**-0.5)
+            z = torch.bmm(scores.softmax(-1), v[:, :, i])
+            x.addmm_(z.view(batch * seq, dh), fw.W_out[layer, i * dh : (i + 1) * dh])
     xn = F.layer_norm(x, x.shape[-1:], eps=fw.eps)
-    return xn @ fw.W_U + fw.b_U
+    return torch.addmm(fw.b_U, xn, fw.W_U).view(batch, seq, -1)
 
 
 class Evaluator:
