@@ -25,8 +25,7 @@ Taxonomy (first matching rule wins; decided from structure and attention)
     qmark_expected             t* = ?, p a duplicated letter: p was not pushed
                                below `?`.
     absent_letter_predicted    t* = ?, p a letter absent from the prefix.
-    unique_missed_qmark        t* an earlier unique letter, p = ?: t* was not
-                               boosted above `?`.
+    unique_missed_qmark        t* an earlier unique letter, p = ?.
     first_instance_missed      t* is the letter at k itself, its first instance
                                (every earlier letter is duplicated).
     duplicate_not_suppressed   p is duplicated in the prefix, t* is a unique letter.
@@ -37,18 +36,21 @@ Taxonomy (first matching rule wins; decided from structure and attention)
     later_unique_preferred     t* earlier unique, p a later unique letter, not
                                overloaded: the earliness signal did not separate
                                t* from the (usually adjacent) later p.
-    other                      none of the above (e.g. a letter absent from the
-                               prefix predicted although a unique letter exists).
+    set_mate_predicted         t* unique, p a letter of the same head's set absent
+                               from the prefix.
+    other                      none of the above (e.g. an absent letter of another
+                               head's set predicted although a unique letter exists).
     correct                    not a failure (the bridge predicts the truth).
 
 What the weights say about layer 1 (`advsearch mechanism` prints the composed OV
 diagonals): a layer-1 head that attends to a letter of its own set pushes that
 letter *down* (large negative diagonal) and its set-mates up; attending to letters
 of other heads' sets pushes its own letters up and `?` down. So the responsible
-head does not "boost" t* by attending to it: making r(t*) attend only to t* fixes
-1 in 2,400 failures, and removing r(t*)'s attention to the load fixes under 1%.
-What decides the categories with a letter p is r(p) attending to other heads'
-letters, which lifts p (its *distraction*, recorded per explanation).
+head does not "boost" t* by attending to it (making r(t*) attend only to t* fixes
+1 in 2,400 failures, and removing r(t*)'s attention to the load fixes under 1%).
+Two attention measures decide most failures, and each explanation records both:
+r(p)'s *distraction* (attention on other heads' letters, which lifts p) and
+r(t*)'s *self-attention* (attention on t* itself, which suppresses t*).
 
 Causal checks (one intervention per explanation; run batched, judged by the model)
     refocus        (qmark_expected, absent_letter_predicted, duplicate_not_suppressed,
@@ -57,10 +59,10 @@ Causal checks (one intervention per explanation; run batched, judged by the mode
                    renormalise the rest (a `hook_pattern` edit on the bridge; the
                    logits are recomputed): if r(p)'s distraction is what lifted p,
                    the model now answers t*.
-    relabel_true   (unique_missed_qmark, first_instance_missed) swap t* with a
-                   letter of another, least-loaded head's set (a permutation of a–j,
-                   so the answer maps along): r(t*) failed to lift t*, another head
-                   should → the model answers the relabelled truth.
+    unfocus        (unique_missed_qmark, first_instance_missed, set_mate_predicted)
+                   the same kind of edit on r(t*), removing its attention at k on
+                   t*'s position(s): if r(t*) suppressing t* is what lost it, the
+                   model now answers t*.
     separate       (later_unique_preferred) move p later: swap it with the last
                    later position that holds a duplicated letter (else with the
                    last position), so no other unique letter takes its place next
@@ -68,22 +70,25 @@ Causal checks (one intervention per explanation; run batched, judged by the mode
                    with the duplicated letter there). Letters before t* stay
                    duplicated, so the answer is still t*; the explanation says
                    only the small distance between t* and p made p win → correct.
-    A check is `confirmed` when the model answers the (permutation-mapped) truth
-    after the intervention, `refuted` when it still fails, `none` when no such
-    intervention exists (r(p) attends to no other head's letter; no spare letter).
-    Every check runs the model and can come out either way; `check_detail` names it.
+    A check is `confirmed` when the model answers the truth after the
+    intervention, `refuted` when it still fails, `none` when no such intervention
+    exists (e.g. r(p) attends to no other head's letter). Every check runs the model
+    and can come out either way; `check_detail` names it.
 
-    Measured on the challenge checkpoint (20k random sequences, seed 0; seeds 1
-    and 2 give 90.6% and 92.1%): 99.9% of failures categorised, 90.4% of those
+    Measured on the challenge checkpoint, random sequences (20k, seed 0; seeds 1
+    and 2 give 90.7% and 92.4%): 99.9% of failures categorised, 90.3% of those
     confirmed. Read a confirmation with its baselines, since failures are
     knife-edge (most logit gaps are below 1): a random relabelling of a–j fixes
-    ~88% of failures. The refocus edit applied to the *other* layer-1 head (neither
-    r(t*) nor r(p)) is the control (tests/test_explain.py, 10k sequences): it fixes
-    20% of qmark_expected failures (r(p): 94%), 30% of duplicate_not_suppressed
-    (88%) and 47% of overloaded_head (92%); on 20k sequences it fixes 83% of
-    absent_letter_predicted (89%, so that check is weak evidence). On guided runs,
-    whose families concentrate the duplicates on one head's set, most
-    qmark_expected failures have no other head's letter to remove (`none`).
+    ~88% of failures, while the same attention edit on the layer-1 head the
+    explanation does not name (the control, tests/test_explain.py, 10k sequences)
+    fixes 20% of qmark_expected failures (named head: 94%), 30% of
+    duplicate_not_suppressed (88%), 47% of overloaded_head (92%), 6% of
+    unique_missed_qmark (96%) and 16% of first_instance_missed (65%); on 20k
+    sequences it fixes 83% of absent_letter_predicted (89%: weak evidence there).
+    Guided runs (4k, challenge): 97% categorised, 67% confirmed. Their
+    qmark_expected failures (every letter duplicated, all from one head's set) have
+    no other head's letter to remove (`none`), and no single-head edit we tried
+    flips them: mean-ablating any one head fixes at most 58 of 1,841.
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ from .oracle import first_unique
 OVERLOAD_MASS = 0.5
 
 REFOCUS = ("qmark_expected", "absent_letter_predicted", "duplicate_not_suppressed", "overloaded_head")
+UNFOCUS = ("unique_missed_qmark", "first_instance_missed", "set_mate_predicted")
 CATEGORIES = (
     "qmark_expected",
     "absent_letter_predicted",
@@ -109,6 +115,7 @@ CATEGORIES = (
     "duplicate_not_suppressed",
     "overloaded_head",
     "later_unique_preferred",
+    "set_mate_predicted",
     "other",
     "correct",
 )
@@ -135,6 +142,7 @@ class Explanation:
     load_head: int | None
     load_mass: float
     distraction: float  # r(p)'s attention at k on other heads' letters
+    self_attention: float  # r(t*)'s attention at k on t* itself
     deciding_path: str
     check: str  # confirmed / refuted / none
     check_detail: str
@@ -154,8 +162,8 @@ class Explanation:
     @property
     def check_ran(self) -> str:
         """What the check ran the model on."""
-        refocus = self.extra.get("check_kind") == "refocus"
-        return f"{self.check_sequence} with the attention edit" if refocus else self.check_sequence
+        edited = self.extra.get("check_kind") in ("refocus", "unfocus")
+        return f"{self.check_sequence} with the attention edit" if edited else self.check_sequence
 
     @property
     def margin(self) -> float:
@@ -193,7 +201,8 @@ class Explanation:
             f"absent [{''.join(self.absent) or '-'}]",
             f"             r(true)={_head(self.resp_head_true) or '-'}  r(pred)={_head(self.resp_head_pred) or '-'}  "
             f"load on {_head(self.load_head) or '-'}: {self.load} duplicated letter(s), "
-            f"attention mass {self.load_mass:.2f}; r(pred)'s distraction {self.distraction:.2f}",
+            f"attention mass {self.load_mass:.2f}",
+            f"             r(pred)'s distraction {self.distraction:.2f}  r(true)'s self-attention {self.self_attention:.2f}",
             f"  check      {self.check}: {self.check_detail}",
         ]
         if self.check_sequence:
@@ -274,10 +283,10 @@ def _path_names(n_heads: int) -> tuple[list[str], list[str]]:
 
 @dataclass
 class _Plan:
-    kind: str  # refocus / relabel_true / separate / none
+    kind: str  # refocus / unfocus / separate / none
     detail: str
     seq: tuple[int, ...] | None = None
-    head: int | None = None  # refocus: the L1 head whose attention row at k is replaced by `pattern`
+    head: int | None = None  # refocus/unfocus: the L1 head whose attention row at k becomes `pattern`
     pattern: torch.Tensor | None = None
 
 
@@ -378,6 +387,9 @@ class Explainer:
         # for its own letters, p among them
         foreign = torch.tensor([x != q and rp is not None and R[x] != rp and x not in (t, pr) for x in p])
         distraction = float(A1[rp][foreign].sum()) if rp is not None else 0.0
+        # r(t*)'s attention at k on t* itself: its OV turns it into suppressing t* (and lifting its set-mates)
+        answer = torch.tensor([x == t and rt is not None for x in p])
+        self_attention = float(A1[rt][answer].sum()) if rt is not None else 0.0
 
         # attribution tables
         srcs, dsts = _path_names(H)
@@ -398,13 +410,15 @@ class Explainer:
         gap = {n: v["pred"] - v["true"] for n, v in paths.items() if n != "bias"}
         deciding = max(gap, key=gap.get) if pr != t else ""
 
-        cat, reason = self._categorise(p, t, pr, counts, dup, load_letters, distraction)
-        if cat in ("correct", "other"):
-            plan = _Plan("none", "no check for this category")
-        elif cat in REFOCUS:
-            plan = self._refocus(p, rp, A1[rp], foreign, distraction)
+        cat, reason = self._categorise(p, t, pr, counts, load_letters, distraction, self_attention)
+        if cat in REFOCUS:
+            plan = self._drop(p, rp, A1[rp], foreign, "refocus", "other heads' letters")
+        elif cat in UNFOCUS:
+            plan = self._drop(p, rt, A1[rt], answer, "unfocus", f"the answer {V[t]!r}")
+        elif cat == "later_unique_preferred":
+            plan = self._separate(p, t, pr, counts)
         else:
-            plan = self._plan(cat, p, t, pr, counts)
+            plan = _Plan("none", "no check for this category")
         L = lambda xs: [V[x] for x in xs]  # noqa: E731
         ex = Explanation(
             sequence=self.spec.decode(p),
@@ -418,6 +432,7 @@ class Explainer:
             load_head=load_head,
             load_mass=load_mass,
             distraction=distraction,
+            self_attention=self_attention,
             deciding_path=deciding,
             check="none",
             check_detail=plan.detail,
@@ -433,7 +448,7 @@ class Explainer:
         )
         return ex, plan
 
-    def _categorise(self, p, t, pr, counts, dup, load_letters, distraction) -> tuple[str, str]:
+    def _categorise(self, p, t, pr, counts, load_letters, distraction, self_attention) -> tuple[str, str]:
         V, q, R = self.spec.vocab, self.q, self.R
         k = len(p) - 1
         if pr == t:
@@ -442,18 +457,17 @@ class Explainer:
         ht = _head(R[t]) if t < q else "-"
         lured = (f"{hp} spends {distraction:.0%} of its attention at k on other heads' letters, which its OV "
                  f"turns into a boost for its own {V[pr]!r}")  # fmt: skip
+        suppressed = (f"{ht} spends {self_attention:.0%} of its attention at k on {V[t]!r} itself, which its OV "
+                      f"turns into suppressing {V[t]!r}")  # fmt: skip
         if t == q:
             if counts[pr] >= 2:
                 return "qmark_expected", f"every letter is duplicated; {V[pr]!r} ({counts[pr]} copies) beat '?': {lured}"
             return "absent_letter_predicted", f"every letter is duplicated and {V[pr]!r} does not occur, yet {lured}"
         if pr == q and p[k] != t:
-            return "unique_missed_qmark", (
-                f"{V[t]!r} (position {p.index(t)}) is unique but its head {ht} did not lift it above '?'"
-            )
+            return "unique_missed_qmark", f"{V[t]!r} (position {p.index(t)}) is unique but fell below '?': {suppressed}"
         if p[k] == t and counts[t] == 1:
             return "first_instance_missed", (
-                f"{V[t]!r} appears for the first time at the current position; its head {ht} did not make it "
-                f"win over {V[pr]!r}"
+                f"{V[t]!r} appears for the first time at the current position but lost to {V[pr]!r}: {suppressed}"
             )
         if pr < q and counts[pr] >= 2:
             return "duplicate_not_suppressed", (
@@ -470,50 +484,34 @@ class Explainer:
                 f"{V[t]!r} (position {p.index(t)}) and the later unique {V[pr]!r} (position {p.index(pr)}) are "
                 f"not separated by the earliness signal; {hp} favours {V[pr]!r}"
             )
+        if pr < q and counts[pr] == 0 and t < q and R[pr] == R[t]:
+            return "set_mate_predicted", f"{suppressed} and lifting its set-mate {V[pr]!r}, absent from the prefix"
         return "other", "fits no category of the taxonomy"
 
-    def _refocus(self, p, h, attention: torch.Tensor, foreign: torch.Tensor, distraction: float) -> _Plan:
-        """Remove head 1.h's attention at k on other heads' letters and renormalise the rest."""
-        if not foreign.any():
-            return _Plan("none", f"{_head(h)} attends to no letter of another head's set")
-        kept = attention * ~foreign
-        letters = "".join(sorted({self.spec.vocab[x] for x, f in zip(p, foreign.tolist()) if f}))
-        return _Plan("refocus", f"refocus {_head(h)}: drop its attention at k on other heads' letters {letters} "
-                                f"({distraction:.0%}) and renormalise", p, h, kept / kept.sum())  # fmt: skip
+    def _drop(self, p, h, attention: torch.Tensor, drop: torch.Tensor, kind: str, what: str) -> _Plan:
+        """Head 1.h's attention at k without the positions in `drop`, renormalised (a refocus or unfocus check)."""
+        if not drop.any():
+            return _Plan("none", f"{_head(h)} has no attention on {what} to remove")
+        kept = attention * ~drop
+        letters = "".join(sorted({self.spec.vocab[x] for x, d in zip(p, drop.tolist()) if d}))
+        detail = f"{kind} {_head(h)}: drop its attention at k on {letters} ({float(attention[drop].sum()):.0%}) and renormalise"
+        return _Plan(kind, detail, p, h, kept / kept.sum())
 
-    def _spare(self, counts, exclude, avoid_head) -> list[int]:
-        """Letters outside `avoid_head`'s set to relabel to: absent first, then unique, lightly loaded heads first."""
-        q, R = self.q, self.R
-        load = Counter(R[x] for x in range(q) if counts[x] >= 2)
-        cands = [y for y in range(q) if R[y] != avoid_head and y not in exclude and counts[y] < 2]
-        cands.sort(key=lambda y: (counts[y] > 0, load[R[y]], y))
-        return cands
-
-    def _plan(self, cat, p, t, pr, counts) -> _Plan:
-        V, R = self.spec.vocab, self.R
-        s = list(p)
-        if cat in ("unique_missed_qmark", "first_instance_missed"):
-            cands = self._spare(counts, {t, pr}, R[t])
-            if not cands:
-                return _Plan("none", f"no letter outside {_head(R[t])}'s set to relabel {V[t]!r} to")
-            y = cands[0]
-            return _Plan("relabel_true", f"relabel {V[t]!r}<->{V[y]!r}, moving the answer from {_head(R[t])} to "
-                                         f"{_head(R[y])}'s set", tuple({t: y, y: t}.get(x, x) for x in p))  # fmt: skip
-        if cat == "later_unique_preferred":
-            k = len(p) - 1
-            ip, it = p.index(pr), p.index(t)
-            if ip != k:
-                # p goes to the last later position holding a duplicated letter (else to k), so that no
-                # other unique letter takes p's place next to t*
-                later_dup = [j for j in range(ip + 1, k + 1) if counts[p[j]] >= 2]
-                j = later_dup[-1] if later_dup else k
-                s[ip], s[j] = s[j], s[ip]
-                return _Plan("separate", f"move {V[pr]!r} from position {ip} to {j} (swap with {V[p[j]]!r})", tuple(s))
-            if it != 1:
-                s[it], s[1] = s[1], s[it]
-                return _Plan("separate", f"move {V[t]!r} from position {it} to 1 (swap with {V[p[1]]!r})", tuple(s))
-            return _Plan("none", "t* and p cannot be moved further apart")
-        return _Plan("none", "no check for this category")
+    def _separate(self, p, t, pr, counts) -> _Plan:
+        """Move p away from t* (or t* to the front), keeping the answer t*."""
+        V, k, s = self.spec.vocab, len(p) - 1, list(p)
+        ip, it = p.index(pr), p.index(t)
+        if ip != k:
+            # p goes to the last later position holding a duplicated letter (else to k), so that no
+            # other unique letter takes p's place next to t*
+            later_dup = [j for j in range(ip + 1, k + 1) if counts[p[j]] >= 2]
+            j = later_dup[-1] if later_dup else k
+            s[ip], s[j] = s[j], s[ip]
+            return _Plan("separate", f"move {V[pr]!r} from position {ip} to {j} (swap with {V[p[j]]!r})", tuple(s))
+        if it != 1:
+            s[it], s[1] = s[1], s[it]
+            return _Plan("separate", f"move {V[t]!r} from position {it} to 1 (swap with {V[p[1]]!r})", tuple(s))
+        return _Plan("none", "t* and p cannot be moved further apart")
 
     @torch.no_grad()
     def _run_checks(self, out: list[Explanation], pending: list[tuple[int, _Plan]], batch_size: int) -> None:

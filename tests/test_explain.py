@@ -82,14 +82,18 @@ def test_explanations_are_well_formed(explained):
         json.loads(ex.to_json())
 
 
-def _refocused(explainer, ex, head: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prefix of `ex` and L1 head `head`'s attention at k without other heads' letters (t*, p aside)."""
+def _edited(explainer, ex, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefix of `ex` and L1 head `head`'s attention at k with what `ex`'s check removes: other heads' letters
+    (t*, p aside) for a refocus, t* for an unfocus."""
     spec, R = explainer.spec, explainer.R
     toks = spec.encode(ex.sequence)
     t, p = (spec.vocab.index(c) for c in (ex.true, ex.predicted))
     pattern = explainer.model.bridge.run_with_cache(toks[None])[1]["blocks.1.attn.hook_pattern"][0, head, -1]
-    foreign = torch.tensor([x != spec.qmark and R[x] != head and x not in (t, p) for x in toks.tolist()])
-    kept = pattern * ~foreign
+    if ex.extra["check_kind"] == "refocus":
+        drop = torch.tensor([x != spec.qmark and R[x] != head and x not in (t, p) for x in toks.tolist()])
+    else:
+        drop = toks == t
+    kept = pattern * ~drop
     return toks, kept / kept.sum()
 
 
@@ -100,14 +104,16 @@ def test_checks_are_interventions_that_can_fail(challenge, explainer, explained)
     ran = [ex for ex in exs if ex.check != "none"]
     outcomes = Counter(ex.check for ex in ran)
     assert outcomes["confirmed"] > 0 and outcomes["refuted"] > 0
+    assert {ex.extra["check_kind"] for ex in ran} == {"refocus", "unfocus", "separate"}
     ev = Evaluator(challenge.weights, "cpu")
     for ex in ran[:300]:
         toks = challenge.spec.encode(ex.check_sequence)
         truth = challenge.spec.vocab[int(first_unique(toks)[-1])]
-        if ex.extra["check_kind"] == "refocus":  # same prefix, r(p)'s attention edited
+        if ex.extra["check_kind"] in ("refocus", "unfocus"):  # same prefix, one head's attention edited
             assert ex.check_sequence == ex.sequence
-            _, pattern = _refocused(explainer, ex, ex.resp_head_pred)
-            logits = explainer.edited_logits(toks[None], [ex.resp_head_pred], [pattern])
+            head = ex.resp_head_pred if ex.extra["check_kind"] == "refocus" else ex.resp_head_true
+            _, pattern = _edited(explainer, ex, head)
+            logits = explainer.edited_logits(toks[None], [head], [pattern])
         else:
             assert ex.check_sequence != ex.sequence and len(ex.check_sequence) == len(ex.sequence)
             logits = ev.logits(toks[None])[:, -1]
@@ -120,28 +126,30 @@ def test_checks_are_interventions_that_can_fail(challenge, explainer, explained)
             assert per["refuted"] > 0, cat
 
 
-def test_refocus_is_specific_to_the_predicted_letters_head(explainer, explained):
-    """The refocus edit on r(p) fixes far more failures than the same edit on the other L1 head (the control)."""
+def test_attention_checks_are_specific_to_the_head_the_explanation_names(explainer, explained):
+    """The refocus (on r(p)) and unfocus (on r(t*)) edits fix far more failures than the same edit on the
+    L1 head the explanation does not name (the control)."""
     _, exs = explained
     rates = {}
-    for cat in ("qmark_expected", "duplicate_not_suppressed", "overloaded_head"):
+    for cat in ("qmark_expected", "duplicate_not_suppressed", "overloaded_head", "unique_missed_qmark",
+                "first_instance_missed"):  # fmt: skip
         picked = [ex for ex in exs if ex.category == cat and ex.check != "none"]
         fixed = 0
         for ex in picked:
-            control = ({0, 1, 2} - {ex.resp_head_pred, ex.resp_head_true}).pop()
-            toks, pattern = _refocused(explainer, ex, control)
+            control = min({0, 1, 2} - {ex.resp_head_pred, ex.resp_head_true})
+            toks, pattern = _edited(explainer, ex, control)
             said = int(explainer.edited_logits(toks[None], [control], [pattern])[0].argmax())
             fixed += said == int(first_unique(toks)[-1])
         confirmed = sum(ex.check == "confirmed" for ex in picked) / len(picked)
         rates[cat] = (round(confirmed, 3), round(fixed / len(picked), 3), len(picked))
-    print(f"\nrefocus r(p) vs control head (fraction fixed, n): {rates}")
-    for cat, (on_rp, on_control, n) in rates.items():
-        assert n >= 20 and on_rp >= on_control + 0.3, cat
+    print(f"\nnamed head vs control head (fraction fixed, n): {rates}")
+    for cat, (named, control, n) in rates.items():
+        assert n >= 20 and named >= control + 0.3, cat
 
 
 def test_fraction_categorised_and_confirmed(explained):
     """Measured on random failures of the challenge checkpoint; the issue's targets: >= 80% categorised and
-    >= 90% of those confirmed (10k sequences, seed 0: 99.85% and 90.4%)."""
+    >= 90% of those confirmed (10k sequences, seed 0: 99.85% and 90.6%)."""
     _, exs = explained
     categorised = [ex for ex in exs if ex.category != "other"]
     confirmed = sum(ex.check == "confirmed" for ex in categorised)
