@@ -482,7 +482,8 @@ def add_failure_view(page: Page, v: FailureView, index: int, heading: str | None
         f"<tr><th>structure</th><td>duplicated [{esc(''.join(ex.duplicated) or '-')}] · unique "
         f"[{esc(''.join(ex.unique) or '-')}] · absent [{esc(''.join(ex.absent) or '-')}] · r(truth) "
         f"{head(ex.resp_head_true)} · r(prediction) {head(ex.resp_head_pred)} · load on {head(ex.load_head)}: "
-        f"{ex.load} duplicated letter(s), attention mass {ex.load_mass:.2f}</td></tr>"
+        f"{ex.load} duplicated letter(s), attention mass {ex.load_mass:.2f} · r(prediction)'s distraction "
+        f"{ex.distraction:.2f} · r(truth)'s self-attention {ex.self_attention:.2f}</td></tr>"
         f"<tr><th>causal check</th><td><b>{esc(ex.check)}</b>: {esc(ex.check_detail)}"
         + (f" — ran <code>{esc(ex.check_ran)}</code>: expected {esc(ex.check_expected)!s}, model says "
            f"{esc(ex.check_predicted)}" if ex.check_sequence else "")
