@@ -457,6 +457,8 @@ class Explainer:
         ht = _head(R[t]) if t < q else "-"
         lured = (f"{hp} spends {distraction:.0%} of its attention at k on other heads' letters, which its OV "
                  f"turns into a boost for its own {V[pr]!r}")  # fmt: skip
+        if pr < q and not any(x != q and R[x] != R[pr] and x not in (t, pr) for x in p):
+            lured = f"no letter of another head's set occurs, so {hp}'s distraction cannot be what lifted {V[pr]!r}"
         suppressed = (f"{ht} spends {self_attention:.0%} of its attention at k on {V[t]!r} itself, which its OV "
                       f"turns into suppressing {V[t]!r}")  # fmt: skip
         if t == q:
