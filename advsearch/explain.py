@@ -410,7 +410,7 @@ class Explainer:
         gap = {n: v["pred"] - v["true"] for n, v in paths.items() if n != "bias"}
         deciding = max(gap, key=gap.get) if pr != t else ""
 
-        cat, reason = self._categorise(p, t, pr, counts, load_letters, distraction, self_attention)
+        cat, reason = self._categorise(p, t, pr, counts, load_letters, foreign, distraction, self_attention)
         if cat in REFOCUS:
             plan = self._drop(p, rp, A1[rp], foreign, "refocus", "other heads' letters")
         elif cat in UNFOCUS:
@@ -448,7 +448,7 @@ class Explainer:
         )
         return ex, plan
 
-    def _categorise(self, p, t, pr, counts, load_letters, distraction, self_attention) -> tuple[str, str]:
+    def _categorise(self, p, t, pr, counts, load_letters, foreign, distraction, self_attention) -> tuple[str, str]:
         V, q, R = self.spec.vocab, self.q, self.R
         k = len(p) - 1
         if pr == t:
@@ -457,7 +457,7 @@ class Explainer:
         ht = _head(R[t]) if t < q else "-"
         lured = (f"{hp} spends {distraction:.0%} of its attention at k on other heads' letters, which its OV "
                  f"turns into a boost for its own {V[pr]!r}")  # fmt: skip
-        if pr < q and not any(x != q and R[x] != R[pr] and x not in (t, pr) for x in p):
+        if pr < q and not foreign.any():
             lured = f"no letter of another head's set occurs, so {hp}'s distraction cannot be what lifted {V[pr]!r}"
         suppressed = (f"{ht} spends {self_attention:.0%} of its attention at k on {V[t]!r} itself, which its OV "
                       f"turns into suppressing {V[t]!r}")  # fmt: skip
