@@ -19,7 +19,8 @@ Structure
     the attention mass r(t*) puts at k on the positions holding them. When t* is
     `?` (no unique letter) the load is that on r(p), the head that should have
     suppressed p. The *distraction* is the attention mass r(p) puts at k on
-    letters of other heads' sets (t* and p aside).
+    letters of other heads' sets (t* and p aside); the *self-attention* is the
+    mass r(t*) puts at k on t* itself.
 
 Taxonomy (first matching rule wins; decided from structure and attention)
     qmark_expected             t* = ?, p a duplicated letter: p was not pushed
