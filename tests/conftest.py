@@ -1,20 +1,33 @@
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-CHALLENGE = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "first_unique_char_model.pt"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MODEL = Path("shared") / "models" / "first_unique_char_model.pt"
+
+
+def challenge_candidates() -> list[Path]:
+    """`../shared` beside this checkout, then beside the checkout it was cloned from (a local clone's origin)."""
+    places = [REPO.parent]
+    origin = subprocess.run(["git", "-C", str(REPO), "config", "remote.origin.url"], capture_output=True, text=True)
+    if origin.returncode == 0 and Path(origin.stdout.strip()).is_dir():
+        places.append(Path(origin.stdout.strip()).resolve().parent)
+    return [place / SHARED_MODEL for place in places]
 
 
 @pytest.fixture(scope="session")
 def challenge_path() -> Path:
     """The original challenge checkpoint; required (not skipped) when CI is set."""
-    if not CHALLENGE.exists():
+    candidates = challenge_candidates()
+    found = next((c for c in candidates if c.exists()), None)
+    if found is None:
         if os.environ.get("CI"):
-            pytest.fail(f"challenge checkpoint missing at {CHALLENGE} (required in CI)")
+            pytest.fail(f"challenge checkpoint missing at {' or '.join(map(str, candidates))} (required in CI)")
         pytest.skip("challenge checkpoint not available")
-    return CHALLENGE.resolve()
+    return found.resolve()
 
 
 @pytest.fixture(scope="session")
