@@ -527,12 +527,14 @@ class Explainer:
             for start in range(0, len(jobs), batch_size):
                 chunk = jobs[start : start + batch_size]
                 toks = torch.tensor([plan.seq for _, plan in chunk])
-                edits = [(b, plan) for b, (_, plan) in enumerate(chunk) if plan.pattern is not None]
-                pred = self._evaluator().logits(toks)[:, -1].argmax(-1)
-                if edits:  # attention edits run through the bridge's hook_pattern
-                    rows = torch.tensor([b for b, _ in edits])
-                    logits = self.edited_logits(toks[rows], [p.head for _, p in edits], [p.pattern for _, p in edits])
-                    pred[rows] = logits.argmax(-1)
+                edited = torch.tensor([plan.pattern is not None for _, plan in chunk])
+                pred = torch.empty(len(chunk), dtype=torch.long)
+                if edited.any():  # attention edits run through the bridge's hook_pattern
+                    plans = [plan for (_, plan), e in zip(chunk, edited.tolist()) if e]
+                    logits = self.edited_logits(toks[edited], [p.head for p in plans], [p.pattern for p in plans])
+                    pred[edited] = logits.argmax(-1)
+                if not edited.all():  # intervened prefixes: the fused forward
+                    pred[~edited] = self._evaluator().logits(toks[~edited])[:, -1].argmax(-1)
                 expected = first_unique(toks, q)[:, -1].tolist()
                 for (i, plan), pv, ev in zip(chunk, pred.tolist(), expected):
                     ex = out[i]
