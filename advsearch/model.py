@@ -1,19 +1,36 @@
 """Checkpoint loading: validate a HookedTransformer-format state dict, build the
 TransformerLens bridge with the authors' weight processing, and expose the
-processed weights that the fused evaluator and the mechanism module read."""
+processed weights that the fused evaluator and the mechanism module read.
+
+Importing TransformerLens and processing the weights takes seconds, while the
+fused evaluator needs only the processed tensors (a few kB). So `load_model`
+keeps those tensors in a cache (see `cache_dir`), keyed by the checkpoint's
+sha256, its spec and the versions of advsearch, torch and TransformerLens, and
+builds the bridge only when something asks for `LoadedModel.bridge`. A cache
+file is used only when it loads as plain tensors (`weights_only`), records the
+same key and holds every tensor with the expected shape; anything else is
+rebuilt, and a cache folder that cannot be written is skipped.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import json
+import logging
 import os
+import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
+from . import __version__
 from .errors import AdvsearchError
 from .spec import ModelSpec
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = Path(__file__).parent / "data" / "default_model.pt"
 OPTIONAL_BUFFERS = (".attn.mask", ".attn.IGNORE")
@@ -72,15 +89,46 @@ class Weights:
     eps: float = 1e-5
 
 
-@dataclass
-class LoadedModel:
-    """A checkpoint ready for use: spec, provenance, the bridge (reference + hooks) and weights."""
+WEIGHT_NAMES = tuple(f.name for f in fields(Weights) if f.name != "eps")
 
-    spec: ModelSpec
-    path: Path
-    sha256: str
-    bridge: object  # transformer_lens TransformerBridge, processed, eval mode
-    weights: Weights
+
+def processed_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Weights field -> shape of the processed tensors for this spec (what a cache file must hold)."""
+    d, h, dh, v, n, L = spec.d_model, spec.n_heads, spec.d_head, spec.d_vocab, spec.seq_len, spec.n_layers
+    shapes = {"W_E": (v, d), "W_pos": (n, d), "W_O": (L, h, dh, d), "b_O": (L, d), "W_U": (d, v), "b_U": (v,)}
+    for m in "QKV":
+        shapes |= {f"W_{m}": (L, h, d, dh), f"b_{m}": (L, h, dh)}
+    return shapes
+
+
+class LoadedModel:
+    """A checkpoint ready for use: spec, provenance, processed weights and the bridge.
+
+    `bridge` (a processed TransformerLens TransformerBridge in eval mode: the reference
+    forward and the hooks) is built on first access, from `state` (the validated raw state
+    dict) or else by re-reading `path`; commands that only run the fused evaluator on
+    `weights` therefore never import TransformerLens.
+    """
+
+    def __init__(self, spec: ModelSpec, path: Path, sha256: str, weights: Weights, bridge=None,
+                 state: dict | None = None) -> None:  # fmt: skip
+        self.spec, self.path, self.sha256, self.weights = spec, path, sha256, weights
+        self._bridge, self._state = bridge, state
+
+    @property
+    def bridge(self):
+        if self._bridge is None:
+            state = self._state if self._state is not None else read_state_dict(self.path)
+            self._bridge = build_bridge(state, self.spec)
+        return self._bridge
+
+    @property
+    def bridge_built(self) -> bool:
+        """Whether the bridge exists yet (reading `bridge` builds it)."""
+        return self._bridge is not None
+
+    def __repr__(self) -> str:
+        return f"LoadedModel(path={str(self.path)!r}, sha256={self.sha256[:12]!r}, spec={self.spec!r})"
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -153,12 +201,122 @@ def weights_from_bridge(bridge) -> Weights:
     )
 
 
+def cache_dir() -> Path:
+    """Where processed weights are cached: `$ADVSEARCH_CACHE_DIR`, else `$XDG_CACHE_HOME/advsearch`,
+    else `~/.cache/advsearch`."""
+    if os.environ.get("ADVSEARCH_CACHE_DIR"):
+        return Path(os.environ["ADVSEARCH_CACHE_DIR"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "advsearch"
+    return Path.home() / ".cache" / "advsearch"
+
+
+def cache_enabled() -> bool:
+    """False when `$ADVSEARCH_NO_CACHE` is set to anything but empty or 0."""
+    return os.environ.get("ADVSEARCH_NO_CACHE", "") in ("", "0")
+
+
+def _version(package: str) -> str:
+    """A package's installed version from its metadata (without importing it), or 'none'."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def cache_key(sha256: str, spec: ModelSpec) -> dict:
+    """Everything the processed weights depend on: the checkpoint's bytes, its spec and the code.
+
+    The code is the installed advsearch, torch and TransformerLens versions plus a hash of this
+    file (which holds the processing), so an edit during development cannot serve stale weights.
+    """
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    return {"format": 1, "sha256": sha256, "spec": spec.to_dict(), "advsearch": __version__, "model_code": code,
+            "torch": str(torch.__version__), "transformer_lens": _version("transformer-lens")}  # fmt: skip
+
+
+def cache_path(key: dict) -> Path:
+    """The cache file for `key` (one file per checkpoint and environment)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return cache_dir() / f"weights-{key['sha256'][:16]}-{digest[:16]}.pt"
+
+
+def read_cached_weights(key: dict, spec: ModelSpec) -> Weights | None:
+    """The cached weights for `key`, or None when there are none usable.
+
+    A file that does not load as plain tensors, records another key, lacks a tensor, has a
+    wrong shape or dtype, or holds non-finite values is not trusted (the caller rebuilds it).
+    """
+    path = cache_path(key)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # unreadable or corrupt: rebuild
+        log.debug("ignoring weights cache %s: %s", path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return None
+    if not _trusted(payload, key, spec):
+        log.debug("ignoring weights cache %s: its key or tensors do not match", path)
+        return None
+    return Weights(**{n: payload["weights"][n] for n in WEIGHT_NAMES}, eps=float(payload["eps"]))
+
+
+def _trusted(payload, key: dict, spec: ModelSpec) -> bool:
+    """Whether a loaded cache payload is the weights for `key`: same key, every tensor, right shapes, finite."""
+    shapes = processed_shapes(spec)
+    try:
+        tensors, eps = payload["weights"], payload["eps"]
+        if payload["key"] != key or set(tensors) != set(WEIGHT_NAMES) or not 0 < float(eps) < 1:
+            return False
+        return all(
+            isinstance(t := tensors[n], torch.Tensor) and tuple(t.shape) == shapes[n]
+            and t.dtype.is_floating_point and bool(torch.isfinite(t).all())
+            for n in WEIGHT_NAMES
+        )  # fmt: skip
+    except Exception:  # not even the expected containers
+        return False
+
+
+def write_cached_weights(key: dict, weights: Weights) -> None:
+    """Store `weights` under `key` atomically (temp file + rename); skip quietly if the folder is unwritable."""
+    path = cache_path(key)
+    payload = {"key": key, "eps": weights.eps, "weights": {n: getattr(weights, n).contiguous() for n in WEIGHT_NAMES}}
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # unwritable folder, full disk: run without the cache
+        log.debug("not caching weights in %s: %s", path.parent, e)
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
 def load_model(model: str | Path | None = None) -> LoadedModel:
-    """Load and validate a checkpoint (see `resolve_model_path`)."""
+    """Load and validate a checkpoint (see `resolve_model_path`).
+
+    The state dict is read and validated every time (a bad checkpoint is a one-line error);
+    the processed weights come from the cache when it holds them for this exact checkpoint,
+    spec and set of versions, and are otherwise computed through the bridge and cached.
+    `$ADVSEARCH_NO_CACHE=1` skips the cache both ways.
+    """
     path = resolve_model_path(model)
     state = read_state_dict(path)
     spec = ModelSpec.for_checkpoint(path)
     validate_state_dict(state, spec, source=str(path))
-    bridge = build_bridge(state, spec)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    return LoadedModel(spec=spec, path=path, sha256=sha, bridge=bridge, weights=weights_from_bridge(bridge))
+    use_cache = cache_enabled()
+    key = cache_key(sha, spec)
+    weights = read_cached_weights(key, spec) if use_cache else None
+    if weights is not None:
+        return LoadedModel(spec=spec, path=path, sha256=sha, weights=weights, state=state)
+    bridge = build_bridge(state, spec)
+    weights = weights_from_bridge(bridge)
+    if use_cache:
+        write_cached_weights(key, weights)
+    return LoadedModel(spec=spec, path=path, sha256=sha, weights=weights, bridge=bridge, state=state)

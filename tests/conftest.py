@@ -1,11 +1,20 @@
+import atexit
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The processed-weights cache of this test session (and of the subprocesses it starts) lives in a
+# temporary folder, so tests neither read nor write the user's real cache.
+os.environ["ADVSEARCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="advsearch-test-cache-")
+os.environ.pop("ADVSEARCH_NO_CACHE", None)
+atexit.register(shutil.rmtree, os.environ["ADVSEARCH_CACHE_DIR"], True)
 SHARED_MODEL = Path("shared") / "models" / "first_unique_char_model.pt"
 
 

@@ -1,4 +1,7 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,7 +9,8 @@ import torch
 from advsearch.errors import AdvsearchError
 from advsearch.evaluator import Evaluator
 from advsearch.judge import judge
-from advsearch.model import load_model, read_state_dict, validate_state_dict
+from advsearch.model import (WEIGHT_NAMES, cache_dir, cache_key, cache_path, load_model, read_cached_weights,
+                             read_state_dict, validate_state_dict)  # fmt: skip
 from advsearch.spec import ModelSpec
 
 from .conftest import reference_tokens
@@ -76,3 +80,109 @@ def test_embedded_default_is_used_without_a_path(monkeypatch):
 def test_env_variable_selects_the_model(monkeypatch, challenge_path):
     monkeypatch.setenv("ADVSEARCH_MODEL", str(challenge_path))
     assert load_model().path == challenge_path
+
+
+def _load_in_subprocess(path) -> tuple[bool, list]:
+    """(was transformer_lens imported, W_E as a list) after load_model(path) in a fresh process."""
+    code = ("import json, sys; from advsearch.model import load_model; m = load_model(sys.argv[1]); "
+            "print(json.dumps(['transformer_lens' in sys.modules, m.weights.W_E.tolist()]))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    imported, w_e = json.loads(done.stdout)
+    return imported, w_e
+
+
+def _weights_equal(a, b) -> bool:
+    return a.eps == b.eps and all(torch.equal(getattr(a, n), getattr(b, n)) for n in WEIGHT_NAMES)
+
+
+def test_cache_hit_gives_the_fresh_weights_without_transformer_lens(tmp_path, monkeypatch, challenge_path):
+    monkeypatch.setenv("ADVSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    assert _load_in_subprocess(challenge_path)[0], "a cold cache builds the bridge"
+    assert len(list((tmp_path / "cache").glob("weights-*.pt"))) == 1
+    imported, w_e = _load_in_subprocess(challenge_path)
+    assert not imported, "a warm cache must not import transformer_lens"
+    hit = load_model(challenge_path)
+    assert not hit.bridge_built
+    monkeypatch.setenv("ADVSEARCH_NO_CACHE", "1")
+    fresh = load_model(challenge_path)
+    assert fresh.bridge_built and _weights_equal(hit.weights, fresh.weights)
+    assert torch.equal(torch.tensor(w_e), fresh.weights.W_E)
+    toks = reference_tokens(20)
+    with torch.inference_mode():  # the lazily built bridge is the same model
+        assert torch.equal(hit.bridge(toks), fresh.bridge(toks))
+
+
+def _corrupt(path: Path, key: dict, spec: ModelSpec, fresh) -> None:
+    path.write_bytes(b"\x00 not a torch file")
+
+
+def _stale(path: Path, key: dict, spec: ModelSpec, fresh) -> None:
+    tensors = {n: getattr(fresh, n) + 1 for n in WEIGHT_NAMES}
+    torch.save({"key": key | {"torch": "0.0.1"}, "eps": fresh.eps, "weights": tensors}, path)
+
+
+def _misshapen(path: Path, key: dict, spec: ModelSpec, fresh) -> None:
+    tensors = {n: getattr(fresh, n) for n in WEIGHT_NAMES} | {"W_U": torch.zeros(spec.d_model, spec.d_vocab + 1)}
+    torch.save({"key": key, "eps": fresh.eps, "weights": tensors}, path)
+
+
+def _not_finite(path: Path, key: dict, spec: ModelSpec, fresh) -> None:
+    tensors = {n: getattr(fresh, n) for n in WEIGHT_NAMES} | {"b_U": torch.full((spec.d_vocab,), float("nan"))}
+    torch.save({"key": key, "eps": fresh.eps, "weights": tensors}, path)
+
+
+@pytest.mark.parametrize("spoil", [_corrupt, _stale, _misshapen, _not_finite])
+def test_a_spoiled_cache_file_is_rebuilt_not_trusted(tmp_path, monkeypatch, challenge_path, challenge, spoil):
+    monkeypatch.setenv("ADVSEARCH_CACHE_DIR", str(tmp_path))
+    key = cache_key(challenge.sha256, challenge.spec)
+    path = cache_path(key)
+    assert path.parent == tmp_path
+    spoil(path, key, challenge.spec, challenge.weights)
+    assert read_cached_weights(key, challenge.spec) is None
+    loaded = load_model(challenge_path)
+    assert loaded.bridge_built, "the spoiled file was not used"
+    assert _weights_equal(loaded.weights, challenge.weights)
+    assert _weights_equal(read_cached_weights(key, challenge.spec), challenge.weights), "the file was rewritten"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name], "no temporary file is left behind"
+
+
+def test_unwritable_cache_and_no_cache_are_bypassed(tmp_path, monkeypatch, challenge_path, challenge):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("ADVSEARCH_CACHE_DIR", str(tmp_path / "file" / "cache"))  # cannot be created
+    assert _weights_equal(load_model(challenge_path).weights, challenge.weights)
+    monkeypatch.setenv("ADVSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("ADVSEARCH_NO_CACHE", "1")
+    assert load_model(challenge_path).bridge_built
+    assert not (tmp_path / "cache").exists(), "ADVSEARCH_NO_CACHE writes nothing"
+    monkeypatch.setenv("ADVSEARCH_NO_CACHE", "0")
+    load_model(challenge_path)
+    assert not load_model(challenge_path).bridge_built
+
+
+def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ADVSEARCH_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_dir() == tmp_path / "home" / ".cache" / "advsearch"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "advsearch"
+    monkeypatch.setenv("ADVSEARCH_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+
+
+def test_cache_key_changes_with_checkpoint_spec_and_versions(challenge):
+    key = cache_key(challenge.sha256, challenge.spec)
+    assert key["torch"] == str(torch.__version__) and key["transformer_lens"] == "4.3.0"
+    others = [cache_key("0" * 64, challenge.spec), cache_key(challenge.sha256, ModelSpec(n_heads=6, d_head=7)),
+              key | {"transformer_lens": "4.3.1"}]  # fmt: skip
+    assert len({cache_path(k) for k in [key, *others]}) == 4
+
+
+def test_a_warm_cache_still_validates_the_checkpoint(tmp_path, challenge_path):
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(challenge_path.read_bytes())
+    load_model(ckpt)
+    assert not load_model(ckpt).bridge_built  # the cache is warm
+    (tmp_path / "m.pt.json").write_text(json.dumps({"spec": {"n_heads": 6, "d_head": 7}}))
+    with pytest.raises(AdvsearchError, match=r"W_Q has shape \[3, 42, 14\], expected \[6, 42, 7\]"):
+        load_model(ckpt)
