@@ -20,14 +20,13 @@ def main() -> None:
     """Find inputs that break a small algorithmic transformer, and explain why."""
 
 
-def _strategy_names() -> list[str]:
-    from strategies import STRATEGIES
-
-    return list(STRATEGIES)
+# The names in strategies.STRATEGIES, spelled out so that building the CLI (and `--help`) does not
+# import the strategies and with them torch; a test keeps the two equal.
+STRATEGY_NAMES = ("random", "exhaustive", "guided", "local", "optuna")
 
 
 @main.command()
-@click.option("--strategy", type=click.Choice(_strategy_names()), default="random", show_default=True)
+@click.option("--strategy", type=click.Choice(STRATEGY_NAMES), default="random", show_default=True)
 @model_option
 @click.option("--budget", type=click.IntRange(min=1), default=10_000, show_default=True,
               help="Sequences to evaluate (guided, random, local, optuna).")
@@ -84,11 +83,11 @@ def run(strategy, model, budget, max_len, prefix_sharing, seed, out, device, bat
         storage, study_name, seed_from, families, compare_random, explain, minimize_rows, resume, overwrite,
         backend, ray_address, quiet) -> None:  # fmt: skip
     """Search for failures with a strategy and write failures.csv and summary.json."""
-    from strategies import STRATEGIES, RunConfig, make_strategy
+    from strategies import RunConfig
 
-    from .evaluator import Evaluator
     from .model import load_model
     from .runner import run_search
+    from .search import default_batch_size, prepare_search
 
     if resume and out is None:
         raise click.UsageError("--resume needs --out (the folder of the run to continue)")
@@ -112,32 +111,17 @@ def run(strategy, model, budget, max_len, prefix_sharing, seed, out, device, bat
         from .scaleout import RayBackend
 
         ray_backend = RayBackend(ray_address, device)
-    config = RunConfig(budget=budget, seed=seed, max_len=max_len,
-                       batch_size=batch_size or {"optuna": 128, "exhaustive": 65536}.get(strategy, 4096),
+    config = RunConfig(budget=budget, seed=seed, max_len=max_len, batch_size=batch_size or default_batch_size(strategy),
                        shared_prefixes=prefix_sharing, length=length, target_pos=target_pos,
                        target_true=target_true, target_pred=target_pred, cover_confusions=cover_confusions,
                        cover_threshold=cover_threshold, two_position_moves=two_position_moves, sampler=sampler,
                        storage=storage, study_name=study_name, seed_from=seed_from, model_sha256=loaded.sha256,
                        families=families.split(",") if families else None)  # fmt: skip
-    needs_tables = STRATEGIES[strategy].needs_tables or (seed_from and STRATEGIES[seed_from].needs_tables)
-    if needs_tables or explain:
-        from .mechanism import compute_tables
-
-        config.tables = compute_tables(loaded)  # guided constructors and explanations read the model's tables
-    strat = make_strategy(strategy, loaded.spec, config)
-    evaluator = Evaluator(loaded.weights, device=device)
-    minimizer = None
-    if minimize_rows:
-        from .minimize import Minimizer
-
-        minimizer = Minimizer(evaluator, loaded.spec)
-    explainer = None
-    if explain:
-        from .explain import Explainer
-
-        explainer = Explainer(loaded, config.tables)
+    search = prepare_search(loaded, strategy, config, device=device, explain=explain, minimize=minimize_rows)
+    strat, evaluator = search.strategy, search.evaluator
     s = run_search(loaded, strat, out, evaluator, min_confidence=min_confidence, resume=resume, overwrite=overwrite,
-                   explainer=explainer, minimizer=minimizer, progress=not quiet, backend=ray_backend)  # fmt: skip
+                   explainer=search.explainer, minimizer=search.minimizer, progress=not quiet,
+                   backend=ray_backend)  # fmt: skip
     if getattr(strat, "table", None) is not None:
         click.echo(strat.table.matrix())
     rate = s["failures"] / s["positions"] if s["positions"] else 0.0
@@ -232,14 +216,20 @@ def minimize(sequence, pos, model) -> None:
               help="Sequences per forward call, for both the bridge and the fused evaluator.")
 @click.option("--census-len", type=click.IntRange(1, 8), default=5, show_default=True,
               help="Exhaustive census depth timed for prefixes/s.")
+@click.option("--guided-budget", type=click.IntRange(min=1), default=20_000, show_default=True,
+              help="Sequences of the end-to-end guided runs (with and without explanations).")
+@click.option("--startup-runs", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Fresh `advsearch eval` processes timed for startup_s (the median is reported).")
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
 @handle_errors
-def bench(model, device, n, batch_size, census_len, as_json) -> None:
-    """Throughput of the bridge vs the fused evaluator (same data, one run) and of the census."""
+def bench(model, device, n, batch_size, census_len, guided_budget, startup_runs, as_json) -> None:
+    """Throughput of the bridge vs the fused evaluator (same data, one run), of the census and of
+    `run --strategy guided` end to end, and the start-up time of `advsearch eval`."""
     from .bench import run_bench
     from .model import load_model
 
-    r = run_bench(load_model(model), n=n, batch_size=batch_size, device=device, census_len=census_len)
+    r = run_bench(load_model(model), n=n, batch_size=batch_size, device=device, census_len=census_len,
+                  guided_budget=guided_budget, startup_runs=startup_runs)  # fmt: skip
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
@@ -249,6 +239,13 @@ def bench(model, device, n, batch_size, census_len, as_json) -> None:
     click.echo(f"fused    {r['fused_seq_per_s']:>10,} seq/s   ({r['ratio']}x the bridge, "
                f"max |dlogit| {r['max_abs_logit_diff']:.1e})")  # fmt: skip
     click.echo(f"census   {r['census_prefixes_per_s']:>10,} prefixes/s (every prefix up to {r['census_max_len']} tokens)")
+    click.echo(f"guided   {r['guided_seq_per_s']:>10,} seq/s   ({r['guided_ratio']:.0%} of fused; run --no-explain "
+               f"end to end, {r['guided_sequences']:,} sequences, set-up {r['guided_setup_s']} s)")  # fmt: skip
+    click.echo(f"explained{r['guided_explained_seq_per_s']:>10,} seq/s   ({r['guided_explained_ratio']:.0%} of fused; "
+               f"run with explanations, set-up {r['guided_explained_setup_s']} s)")  # fmt: skip
+    cache = "warm" if r["startup_warm_cache"] else "no"
+    click.echo(f"start-up {r['startup_s']:>10.2f} s       (advsearch eval, median of {r['startup_runs']}, {cache} "
+               f"weights cache)")  # fmt: skip
     click.echo(f"peak RSS {r['peak_rss_mb']:>10,} MB")
 
 

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -95,13 +97,46 @@ def test_bad_checkpoints_and_outputs_exit_2_with_one_line(tmp_path, challenge_pa
     assert "cannot write to output folder" in line
 
 
-def test_bench_reports_both_throughputs(challenge_path):
-    r = invoke("bench", "--model", challenge_path, "--sequences", 2000, "--census-len", 2, "--json")
+def test_bench_reports_throughputs_guided_runs_and_startup(challenge_path):
+    r = invoke("bench", "--model", challenge_path, "--sequences", 2000, "--census-len", 2, "--guided-budget", 300,
+               "--startup-runs", 1, "--json")  # fmt: skip
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)
     assert data["bridge_seq_per_s"] > 0 and data["fused_seq_per_s"] > 0 and data["census_prefixes_per_s"] > 0
     assert data["ratio"] == pytest.approx(data["fused_seq_per_s"] / data["bridge_seq_per_s"], rel=0.05)
     assert data["max_abs_logit_diff"] <= 1e-3
+    assert data["guided_sequences"] == 300
+    for name in ("guided", "guided_explained"):
+        assert data[f"{name}_seq_per_s"] > 0
+        assert data[f"{name}_ratio"] == pytest.approx(data[f"{name}_seq_per_s"] / data["fused_seq_per_s"], rel=0.05)
+    assert data["startup_s"] > 0 and data["startup_runs"] == 1
+    assert data["startup_warm_cache"] is True  # bench loaded the model first, so the cache is warm
+
+
+def test_bench_text_output_names_every_measure(challenge_path):
+    r = invoke("bench", "--model", challenge_path, "--sequences", 1000, "--census-len", 1, "--guided-budget", 50,
+               "--startup-runs", 1)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert [line.split()[0] for line in r.output.splitlines()[1:]] == [
+        "bridge", "fused", "census", "guided", "explained", "start-up", "peak"]  # fmt: skip
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys\nfrom advsearch.cli import main\n"
+            "for args in (['--help'], ['run', '--help'], ['bench', '--help'], ['suite', 'build', '--help']):\n"
+            "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'strategies', 'transformer_lens') if m in sys.modules))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--strategy [random|exhaustive|guided|local|optuna]" in done.stdout
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
+def test_static_strategy_names_match_the_registry():
+    from strategies import STRATEGIES
+
+    from advsearch.cli import STRATEGY_NAMES
+
+    assert STRATEGY_NAMES == tuple(STRATEGIES)
 
 
 def test_version_and_help():
