@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .determinism import eval_threads
 from .errors import AdvsearchError
 from .model import Weights
 
@@ -87,13 +88,18 @@ def fused_forward(fw: FusedWeights, tokens: torch.Tensor) -> torch.Tensor:
 
 
 class Evaluator:
-    """Runs token batches through the fused forward in chunks of `batch_size` on the chosen device."""
+    """Runs token batches through the fused forward in chunks of `batch_size` on the chosen device.
+
+    Every call computes with the fixed thread count of `advsearch.determinism`, so its logits do not
+    depend on how many threads the calling process was given.
+    """
 
     def __init__(self, weights: Weights, device: str = "auto", batch_size: int | None = None):
         self.device = resolve_device(device)
         # Small chunks stay in the CPU's caches (512 measured fastest there); a GPU wants large ones.
         self.batch_size = batch_size or (512 if self.device.type == "cpu" else 16384)
-        self.fused = FusedWeights.pack(weights, self.device)
+        with eval_threads():  # packing multiplies matrices too (layer 0's q/k/v table)
+            self.fused = FusedWeights.pack(weights, self.device)
         self.prefixes = None  # PrefixStore, made on first use
 
     def evaluate(self, proposal) -> torch.Tensor:
@@ -104,6 +110,7 @@ class Evaluator:
             return self.extension_logits(proposal.tokens, proposal.cache)
         return self.logits(proposal.tokens)
 
+    @eval_threads()
     @torch.inference_mode()
     def extension_logits(self, tokens: torch.Tensor, cache: bool = False) -> torch.Tensor:
         """Last-position logits [batch, 1, vocab] of one-letter extensions (see `advsearch.prefix`)."""
@@ -113,6 +120,7 @@ class Evaluator:
             self.prefixes = PrefixStore(self.fused, self.fused.W_E.shape[0] - 1)
         return self.prefixes.extension_logits(tokens.to(self.device), cache).unsqueeze(1).cpu()
 
+    @eval_threads()
     @torch.inference_mode()
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits for `tokens` [batch, seq], returned on the CPU as float32."""

@@ -4,7 +4,10 @@ One readable loop over *steps*: a step is a judged batch's candidate failure
 rows and counts. Locally a step is one propose -> evaluate -> judge -> observe
 round (`local_steps`); a scale-out backend (`advsearch.scaleout`) yields whole
 shards computed elsewhere. Everything the loop writes survives an interruption,
-and `resume=True` continues from the last finished step without duplicating rows.
+and `resume=True` continues from the last finished step without duplicating rows
+(or, when no step had finished yet, starts the run again from the beginning).
+The loop, explanations included, computes with the fixed thread count of
+`advsearch.determinism`, so the results do not depend on the machine's threads.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .determinism import EVAL_THREADS, eval_threads
 from .errors import AdvsearchError
 from .evaluator import Evaluator
 from .judge import YIELD_CONFIDENCE, Judged, judge
@@ -101,6 +105,7 @@ def local_steps(strategy, evaluator: Evaluator, min_confidence: float, run_id: s
         yield step
 
 
+@eval_threads()
 def run_search(
     model: LoadedModel,
     strategy,
@@ -119,18 +124,22 @@ def run_search(
 
     `backend` (e.g. `advsearch.scaleout.RayBackend`) computes the steps elsewhere; None computes them here.
     The run id and the results do not depend on it, so a run can be resumed with another backend.
+    Everything here, explanations and minimization included, runs with `EVAL_THREADS` torch threads.
     """
     spec, run_id = model.spec, run_identifier(model, strategy, min_confidence)
     out_dir = Path(out_dir) if out_dir is not None else Path("results") / run_id
     columns = FAILURE_COLUMNS + strategy.extra_columns + (EXPLAIN_COLUMNS if explainer else ())
     columns += ("minimized",) if minimizer is not None else ()
     identity = {"strategy": strategy.name, "params": strategy.params(), "model_sha256": model.sha256,
-                "min_confidence": min_confidence, "columns": list(columns)}  # fmt: skip
+                "min_confidence": min_confidence, "columns": list(columns), "eval_threads": EVAL_THREADS}  # fmt: skip
     state_path, csv_path = out_dir / "state.json", out_dir / "failures.csv"
 
+    if resume and not state_path.exists():
+        # Killed before its first step finished (at most the CSV header written): nothing to keep, so start over.
+        if not out_dir.is_dir():
+            raise AdvsearchError(f"nothing to resume: {out_dir} does not exist")
+        resume, overwrite = False, True
     if resume:
-        if not state_path.exists():
-            raise AdvsearchError(f"nothing to resume in {out_dir} (no state.json)")
         state = read_json(state_path)
         if state["identity"] != identity:
             raise AdvsearchError(f"{out_dir} holds a run with other settings or another model; cannot resume it")
@@ -152,7 +161,8 @@ def run_search(
             "run_id": run_id, "status": status, "out_dir": str(out_dir), "model": str(model.path), "model_sha256": model.sha256,
             "spec": spec.to_dict(), "strategy": strategy.name, "params": strategy.params(),
             "seed": strategy.params().get("seed"), "min_confidence": min_confidence,
-            "device": str(evaluator.device), "backend": backend.name if backend else "local", "versions": versions(),
+            "device": str(evaluator.device), "backend": backend.name if backend else "local",
+            "eval_threads": EVAL_THREADS, "versions": versions(),
             "sequences": counters["sequences"], "positions": counters["positions"],
             "failures": counters["failures"], "confident_failures": log.confident,
             "sequences_with_confident_failure": counters["hits"],

@@ -7,7 +7,8 @@ until the stack holds enough items (4 per worker slot), then sends every item
 as one Ray task that computes its whole subtree (`run_shard`), and consumes the
 results strictly in stack order. The concatenated failures are in exactly the
 single-process order; each shard warms its prefix cache with the chunks on the
-path down to it, so its numbers are bit-identical too. Each consumed shard is
+path down to it and computes with the same fixed thread count as the driver
+(`advsearch.determinism`), so its numbers are bit-identical too. Each consumed shard is
 one step of the runner's loop (rows written, census merged, state saved), so
 an interrupted run resumes with the shards it had not consumed, on either
 backend. Ray is imported only here, and only when this backend is asked for.
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from strategies.base import RunConfig
 from strategies.exhaustive import ExhaustiveStrategy
 
+from .determinism import eval_threads
 from .errors import AdvsearchError
 from .evaluator import Evaluator
 from .runner import Step, local_step, local_steps
@@ -48,6 +50,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise AdvsearchError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
 
 
+@eval_threads()
 def run_shard(weights, spec, config, item, min_confidence: float, run_id: str, device: str):
     """A Ray task: the whole subtree of exhaustive todo `item`; returns (its Step, its census rows)."""
     strategy = ExhaustiveStrategy(spec, config).start_at(item)

@@ -1,6 +1,12 @@
-"""`run --strategy exhaustive --backend ray`: sharded onto a local Ray (2 CPUs), byte-identical to one process."""
+"""Runs give the same bytes whatever the thread count, and `--backend ray` (a local Ray, 2 CPUs) gives those of one process.
+
+The reference runs are computed in this process with torch set to 2 threads; the same runs in a subprocess
+with OMP_NUM_THREADS=1 and with it unset, and the census on Ray (whose tasks get one thread), must match them.
+"""
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -16,32 +22,100 @@ from .test_cli import one_line_error
 ARGS = ["run", "--strategy", "exhaustive", "--max-len", 5, "--batch-size", 1000, "--no-explain", "--quiet"]
 SPEC = ModelSpec()
 COUNTERS = ("sequences", "positions", "failures", "confident_failures", "sequences_with_confident_failure", "yield")
+# One run per kind of evaluation: the prefix-sharing census, and the full forward (random, guided constructors).
+RUNS = {
+    "exhaustive": ARGS,
+    "random": ["run", "--strategy", "random", "--budget", 3000, "--seed", 3, "--no-explain", "--quiet"],
+    "guided": ["run", "--strategy", "guided", "--budget", 500, "--no-explain", "--quiet"],
+}
+# Runs the CLI once per argument list (JSON in argv[1]) in one process, after printing torch's thread count.
+RUN_MANY = """import json, sys, torch
+from advsearch.cli import main
+print(torch.get_num_threads(), flush=True)
+for args in json.loads(sys.argv[1]):
+    main(args, standalone_mode=False)
+"""
+
+
+def need_ray():
+    """Ray; outside CI a skip when it is not installed (CI installs the dev extra, so there it must import)."""
+    if os.environ.get("CI"):
+        import ray
+
+        return ray
+    return pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray = pytest.importorskip("ray")
+    ray = need_ray()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
 
 
 @pytest.fixture(scope="module")
-def single(challenge_path, tmp_path_factory):
-    """The single-process run everything here must reproduce."""
-    out = tmp_path_factory.mktemp("single") / "run"
-    result = invoke(*ARGS, "--model", challenge_path, "--out", out)
-    assert result.exit_code == 0, result.output
-    assert len(rows(out / "failures.csv")) > 50
-    return out
+def two_threads(challenge_path, tmp_path_factory):
+    """Each of RUNS computed in this process with torch set to 2 threads: what every other run must reproduce."""
+    base, before = tmp_path_factory.mktemp("two-threads"), torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for name, args in RUNS.items():
+            result = invoke(*args, "--model", challenge_path, "--out", base / name)
+            assert result.exit_code == 0, result.output
+    finally:
+        torch.set_num_threads(before)
+    assert len(rows(base / "exhaustive" / "failures.csv")) > 50 and len(rows(base / "random" / "failures.csv")) > 50
+    return base
+
+
+@pytest.fixture(scope="module")
+def single(two_threads):
+    """The single-process census."""
+    return two_threads / "exhaustive"
 
 
 def assert_same_run(out, single):
-    assert (out / "failures.csv").read_bytes() == (single / "failures.csv").read_bytes()
-    assert (out / "census.csv").read_bytes() == (single / "census.csv").read_bytes()
+    """Every CSV file byte for byte, and the summary's counts."""
+    files = sorted(p.name for p in single.glob("*.csv"))
+    assert "failures.csv" in files and sorted(p.name for p in out.glob("*.csv")) == files
+    for name in files:
+        assert (out / name).read_bytes() == (single / name).read_bytes(), name
     a, b = (json.loads((d / "summary.json").read_text()) for d in (out, single))
     assert a["status"] == "finished" and a["run_id"] == b["run_id"]
     assert {k: a[k] for k in COUNTERS} == {k: b[k] for k in COUNTERS}
+
+
+@pytest.mark.parametrize("omp", ["1", None], ids=["OMP_NUM_THREADS=1", "OMP_NUM_THREADS-unset"])
+def test_runs_are_byte_identical_whatever_the_thread_count(omp, two_threads, challenge_path, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env |= {"OMP_NUM_THREADS": omp} if omp else {}
+    jobs = [[str(a) for a in (*args, "--model", challenge_path, "--out", tmp_path / name)] for name, args in RUNS.items()]
+    proc = subprocess.run([sys.executable, "-c", RUN_MANY, json.dumps(jobs)], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    threads = int(proc.stdout.split()[0])
+    assert threads == (int(omp) if omp else torch.get_num_threads())  # the subprocess really had that many
+    for name in RUNS:
+        assert_same_run(tmp_path / name, two_threads / name)
+        assert json.loads((tmp_path / name / "summary.json").read_text())["eval_threads"] == 1
+
+
+def test_the_evaluator_ignores_the_callers_thread_count(challenge):
+    """A 6-token sequence is a [6, 42] @ [42, 126] product in layer 1: a shape MKL sums differently on 1 and 2 threads."""
+    from advsearch.determinism import EVAL_THREADS
+    from advsearch.evaluator import Evaluator
+
+    tokens, before = challenge.spec.encode("?abcab")[None], torch.get_num_threads()
+    out = {}
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out[n] = Evaluator(challenge.weights, "cpu").logits(tokens)
+            assert torch.get_num_threads() == n  # restored after the call
+    finally:
+        torch.set_num_threads(before)
+    assert EVAL_THREADS == 1 and torch.equal(out[1], out[2]) and torch.equal(out[1], out[3])
 
 
 def test_a_resumed_exhaustive_strategy_first_recomputes_the_chunks_on_the_way_down():
@@ -113,7 +187,7 @@ def test_without_ray_the_backend_is_a_one_line_error(challenge_path, tmp_path, m
 
 
 def test_an_unreachable_cluster_is_a_one_line_error(challenge_path, tmp_path):
-    pytest.importorskip("ray")
+    need_ray()
     result = invoke(*ARGS, "--model", challenge_path, "--out", tmp_path / "r", "--backend", "ray",
                     "--ray-address", "127.0.0.1:1")  # fmt: skip
     assert "cannot reach the Ray cluster at 127.0.0.1:1" in one_line_error(result)
