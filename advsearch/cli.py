@@ -12,6 +12,7 @@ from .cli_mechanism import explain_cmd, mechanism_cmd
 from .cli_report import report_cmd
 from .cli_suite import compare, harden, regress, suite
 from .cliutil import device_option, handle_errors, model_option
+from .determinism import eval_threads
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,6 +79,7 @@ STRATEGY_NAMES = ("random", "exhaustive", "guided", "local", "optuna")
               help="--backend ray: the cluster to join (auto, HOST:PORT, ray://HOST:10001); default: a local Ray.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
+@eval_threads()  # from loading the checkpoint to the last row, the results do not depend on the thread count
 def run(strategy, model, budget, max_len, prefix_sharing, seed, out, device, batch_size, min_confidence, length,
         target_pos, target_true, target_pred, cover_confusions, cover_threshold, two_position_moves, sampler,
         storage, study_name, seed_from, families, compare_random, explain, minimize_rows, resume, overwrite,
@@ -122,6 +124,9 @@ def run(strategy, model, budget, max_len, prefix_sharing, seed, out, device, bat
     s = run_search(loaded, strat, out, evaluator, min_confidence=min_confidence, resume=resume, overwrite=overwrite,
                    explainer=search.explainer, minimizer=search.minimizer, progress=not quiet,
                    backend=ray_backend)  # fmt: skip
+    # Every file is written before the first line is printed: a reader that stops early (`| head -1`) ends the
+    # output, not the work.
+    baseline = _compare_random(loaded, s, config, evaluator, min_confidence, quiet) if compare_random else None
     if getattr(strat, "table", None) is not None:
         click.echo(strat.table.matrix())
     rate = s["failures"] / s["positions"] if s["positions"] else 0.0
@@ -135,15 +140,16 @@ def run(strategy, model, budget, max_len, prefix_sharing, seed, out, device, bat
         for r in s["tables"]["families.csv"]:
             click.echo(f"{r['family']:<18}{r['sequences']:>10,}{r['confident_failures']:>19,}{r['yield']:>8.1%}")
     click.echo(f"yield: {s['yield']:.2%} of sequences have a failure with p_pred >= {s['yield_confidence']}")
-    if compare_random:
-        _compare_random(loaded, s, config, evaluator, min_confidence, quiet)
+    if baseline:
+        click.echo(baseline)
     click.echo(f"results: {Path(s['out_dir']) / 'failures.csv'}")
     for name in s["files"][1:]:
         click.echo(f"         {Path(s['out_dir']) / name}")
 
 
-def _compare_random(loaded, s: dict, config, evaluator, min_confidence: float, quiet: bool) -> None:
-    """Run the random baseline with the same budget into <out>/random-baseline and record the yield ratio."""
+def _compare_random(loaded, s: dict, config, evaluator, min_confidence: float, quiet: bool) -> str:
+    """Run the random baseline with the same budget into <out>/random-baseline, record the yield ratio in the
+    summary and return the line that reports it."""
     from strategies import RunConfig, make_strategy
 
     from .results import write_json
@@ -157,8 +163,8 @@ def _compare_random(loaded, s: dict, config, evaluator, min_confidence: float, q
     s["compare_random"] = {"random_yield": b["yield"], "random_sequences": b["sequences"], "yield_ratio": ratio,
                            "random_out_dir": b["out_dir"]}  # fmt: skip
     write_json(Path(s["out_dir"]) / "summary.json", s)
-    click.echo(f"random baseline ({b['sequences']:,} sequences): yield {b['yield']:.2%}; "
-               f"{s['strategy']} / random = {ratio:.1f}x")  # fmt: skip
+    return (f"random baseline ({b['sequences']:,} sequences): yield {b['yield']:.2%}; "
+            f"{s['strategy']} / random = {ratio:.1f}x")
 
 
 @main.command("eval")

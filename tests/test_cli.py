@@ -59,6 +59,42 @@ def test_interrupted_run_resumes_without_losing_or_duplicating_rows(tmp_path, ch
     one_line_error(invoke(*args, "--out", tmp_path / "cut"))  # would overwrite
 
 
+@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
+def test_a_run_stopped_before_its_first_batch_finished_resumes_from_the_beginning(how, tmp_path, challenge_path,
+                                                                                  monkeypatch):  # fmt: skip
+    args = ["run", "--strategy", "random", "--budget", 1000, "--batch-size", 500, "--model", challenge_path, "--quiet"]
+    assert invoke(*args, "--out", tmp_path / "whole").exit_code == 0
+    cut = tmp_path / "cut"
+    if how == "ctrl-c":
+        undo = interrupt_judging(monkeypatch, at_call=1)
+        one_line_error(invoke(*args, "--out", cut), code=130)
+        undo()
+    else:  # what `kill -9` in the first seconds leaves: the folder and the CSV header, nothing else
+        cut.mkdir()
+        (cut / "failures.csv").write_bytes((tmp_path / "whole/failures.csv").read_bytes().split(b"\n")[0] + b"\n")
+    assert not (cut / "state.json").exists() and rows(cut / "failures.csv") == []
+    resumed = invoke(*args, "--out", cut, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert (cut / "failures.csv").read_bytes() == (tmp_path / "whole/failures.csv").read_bytes()
+    assert json.loads((cut / "summary.json").read_text())["status"] == "finished"
+    assert "does not exist" in one_line_error(invoke(*args, "--out", tmp_path / "nowhere", "--resume"))
+
+
+def test_a_reader_that_closes_stdout_early_ends_the_output_quietly(tmp_path, challenge_path):
+    """Like `advsearch run ... | head -1`, with a reader that is gone before the first line (so the write must fail)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "advsearch.cli", "run", "--strategy", "random", "--budget", 1000, "--no-explain",
+           "--compare-random", "--quiet", "--model", challenge_path, "--out", out]  # fmt: skip
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=600) == 141 and stderr == ""  # 128 + SIGPIPE, as for other tools; no message
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["failures"] == len(rows(out / "failures.csv")) > 0
+    assert summary["compare_random"]["random_sequences"] == 1000  # work after the last line printed was done too
+    assert json.loads((out / "state.json").read_text())["finished"]
+
+
 def test_exhaustive_run_writes_census(tmp_path, challenge_path):
     out = tmp_path / "ex"
     r = invoke("run", "--strategy", "exhaustive", "--max-len", 4, "--model", challenge_path, "--out", out, "--quiet")
