@@ -27,6 +27,21 @@ sequence known for that pair.
 `--seed-from guided` enqueues the guided strategy's first batch as the first
 trials of a new study (an error when no guided strategy is registered).
 
+Dead workers: with a shared storage, each worker keeps its in-flight trials
+(asked, not yet told) alive with Optuna's heartbeat: one beat as each trial is
+asked, then one every `HEARTBEAT_INTERVAL` seconds from a background thread
+until the batch is told. Every worker, when it joins a study and before each
+batch, calls `optuna.storages.fail_stale_trials`, which marks FAIL the running
+trials whose last beat is older than `GRACE_PERIOD` seconds: those of a worker
+that was killed. RDB storages (SQLite, PostgreSQL) have the heartbeat built in
+(`RDBStorage(heartbeat_interval=..., grace_period=...)`, timed by the database's
+clock); Optuna's JournalStorage has none, so journal files are opened as
+`HeartbeatJournalStorage`, which implements Optuna's heartbeat interface with
+the beat stored as a trial system attribute (the worker's wall clock, so
+workers on several machines need clocks within the grace period of each other).
+A worker whose trial was failed under it (stopped for longer than the grace
+period, say) still finishes: telling a finished trial is skipped.
+
 Cost: TPE's ask time grows with the number of finished trials (tens of ms per
 trial beyond ~1,000 trials on one CPU core), so very large budgets are better
 spent with `--strategy local`; GP is cubic in the number of trials.
@@ -34,6 +49,8 @@ spent with `--strategy local`; GP is cubic in the number of trials.
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 import warnings
 from dataclasses import replace
@@ -47,6 +64,9 @@ from .base import Proposal
 
 SAMPLERS = ("tpe", "ga", "gp", "random")
 JOURNAL_SUFFIXES = (".journal", ".log", ".jsonl")
+HEARTBEAT_INTERVAL = 5  # seconds between beats of a worker's in-flight trials (an int: RDBStorage wants one)
+GRACE_PERIOD = 30  # seconds without a beat after which a running trial counts as its worker's death
+HEARTBEAT_ATTR = "advsearch:heartbeat"  # journal storages: the trial system attribute holding the last beat
 
 
 def _optuna():
@@ -54,7 +74,80 @@ def _optuna():
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # ask/tell with a heartbeat storage is what this module does on purpose (see Heartbeat below)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     return optuna
+
+
+_journal_class = None
+
+
+def heartbeat_journal_storage(path: str):
+    """A JournalStorage on file `path` that supports Optuna's heartbeat (`fail_stale_trials`) as RDBStorage does."""
+    global _journal_class
+    optuna = _optuna()
+    from optuna.storages._heartbeat import BaseHeartbeat
+    from optuna.storages.journal import JournalFileBackend
+
+    if _journal_class is None:
+
+        class HeartbeatJournalStorage(optuna.storages.JournalStorage, BaseHeartbeat):
+            """JournalStorage plus Optuna's heartbeat interface: a beat is the time.time() of the trial's worker, kept
+            as a trial system attribute; a running trial whose beat is older than the grace period is stale."""
+
+            def __init__(self, backend, heartbeat_interval: int, grace_period: float):
+                super().__init__(backend)
+                self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
+
+            def record_heartbeat(self, trial_id: int) -> None:
+                self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+            def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+                now, running = time.time(), optuna.trial.TrialState.RUNNING
+                trials = self.get_all_trials(study_id, deepcopy=False, states=(running,))
+                return [t._trial_id for t in trials
+                        if now - t.system_attrs.get(HEARTBEAT_ATTR, now) > self.grace_period]  # fmt: skip
+
+            def get_heartbeat_interval(self) -> int:
+                return self.heartbeat_interval
+
+            def get_heartbeat_stale_trial_callback(self):
+                return None
+
+        _journal_class = HeartbeatJournalStorage
+    return _journal_class(JournalFileBackend(path), HEARTBEAT_INTERVAL, GRACE_PERIOD)
+
+
+class Heartbeat:
+    """Keeps one batch of in-flight trials alive in a heartbeat storage: a beat when each trial is added, then one
+    every heartbeat interval from a daemon thread, until `stop()` (the batch is told) or the process dies."""
+
+    def __init__(self, storage):
+        self.storage, self.trial_ids, self.lock, self.stopped = storage, [], threading.Lock(), threading.Event()
+        self.thread = threading.Thread(target=self._beat_until_stopped, name="advsearch-optuna-heartbeat", daemon=True)
+        self.thread.start()
+
+    def add(self, trial_id: int) -> None:
+        self._beat(trial_id)
+        with self.lock:
+            self.trial_ids.append(trial_id)
+
+    def _beat(self, trial_id: int) -> None:
+        try:
+            self.storage.record_heartbeat(trial_id)
+        except Exception:  # the trial was failed by another worker meanwhile, or the storage hiccuped: try later
+            pass
+
+    def _beat_until_stopped(self) -> None:
+        while not self.stopped.wait(self.storage.get_heartbeat_interval()):
+            with self.lock:
+                ids = list(self.trial_ids)
+            for trial_id in ids:
+                self._beat(trial_id)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
 
 
 def make_sampler(name: str, seed: int):
@@ -82,15 +175,13 @@ def open_storage(url: str | None):
     optuna = _optuna()
     try:
         if url.startswith("journal:") or ("://" not in url and url.endswith(JOURNAL_SUFFIXES)):
-            from optuna.storages.journal import JournalFileBackend
-
-            path = url.removeprefix("journal:").removeprefix("//")
-            return optuna.storages.JournalStorage(JournalFileBackend(path))
+            return heartbeat_journal_storage(url.removeprefix("journal:").removeprefix("//"))
         if "://" not in url:
             raise AdvsearchError(f"--storage {url!r}: use sqlite:///FILE, postgresql://..., or a journal file "
                                  "(journal:PATH or a path ending in .journal/.log)")  # fmt: skip
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
+                                          grace_period=GRACE_PERIOD)  # fmt: skip
     except AdvsearchError:
         raise
     except Exception as e:  # a bad URL, a missing driver, an unreachable server
@@ -115,6 +206,7 @@ class OptunaStrategy(AdaptiveStrategy):
         self.log: dict[str, list] = {}  # in-memory studies: study name -> [(sequence, value), ...] for resume
         self.worker = uuid.uuid4().hex[:12]
         self._pending = None
+        self._heartbeat = None  # Heartbeat of the batch in flight (shared storages)
 
     def params(self) -> dict:
         return super().params() | {"sampler": self.config.sampler, "batch_size": self.config.batch_size,
@@ -141,6 +233,7 @@ class OptunaStrategy(AdaptiveStrategy):
         if any(found[k] != attrs[k] for k in found):
             raise AdvsearchError(f"study {name!r} in {self.config.storage} was made with other settings ({found}); "
                                  f"this run has {attrs}: pick another --study-name")  # fmt: skip
+        self.optuna.storages.fail_stale_trials(study)  # trials of dead workers (a no-op without a heartbeat)
         fresh = len(study.trials) == 0 and name not in self.log
         for k, v in attrs.items():
             if k not in found:
@@ -195,10 +288,16 @@ class OptunaStrategy(AdaptiveStrategy):
             target, name = self.schedule.target(pair), f"{self.base_name}:{v[pair[0]]}>{v[pair[1]]}"
             start = self.table.start.get(pair[0] * self.spec.d_vocab + pair[1])
         study = self.study(name, target, start)
-        trials = [study.ask(self.dist) for _ in range(n)]
+        trials = []
         if self.storage is not None:
-            for t in trials:
-                t.set_user_attr("worker", self.worker)
+            self.optuna.storages.fail_stale_trials(study)
+            self._heartbeat = Heartbeat(self.storage) if self.storage.get_heartbeat_interval() else None
+        for _ in range(n):
+            trials.append(study.ask(self.dist))
+            if self.storage is not None:
+                if self._heartbeat is not None:
+                    self._heartbeat.add(trials[-1]._trial_id)
+                trials[-1].set_user_attr("worker", self.worker)
         self._pending = ("trials", pair, name, trials)
         return Proposal(self._tokens(trials), judge_from=1)
 
@@ -212,8 +311,11 @@ class OptunaStrategy(AdaptiveStrategy):
             target = self.target if pair is None else self.schedule.target(pair)
             values = self.scores(judged, target).score.tolist()
             study = self.studies[name]
+            if self._heartbeat is not None:
+                self._heartbeat.stop()
+                self._heartbeat = None
             for t, value in zip(trials, values):
-                study.tell(t, value)
+                study.tell(t, value, skip_if_finished=True)  # failed meanwhile as stale: nothing left to tell
             if self.storage is None:
                 self.log.setdefault(name, []).extend(zip((self.spec.decode(r) for r in proposal.tokens), values))
             if pair is not None:

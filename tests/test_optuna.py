@@ -1,10 +1,15 @@
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import optuna
 import pytest
 import torch
 
 import strategies
+import strategies.optuna as optuna_strategy
 from advsearch.errors import AdvsearchError
 from advsearch.evaluator import Evaluator
 from advsearch.objectives import score
@@ -102,14 +107,33 @@ def test_other_samplers_run(ev, sampler):
     assert len(trials_of(strategy)) == 24
 
 
-def test_gp_sampler_or_a_clear_error():
-    try:
-        import scipy  # noqa: F401
-    except ImportError:
-        with pytest.raises(AdvsearchError, match="scipy"):
-            make_sampler("gp", 0)
-    else:
-        assert type(make_sampler("gp", 0)).__name__ == "GPSampler"
+def test_gp_sampler_proposes_trials(ev, monkeypatch):
+    """With scipy (the dev extra) the GP sampler runs: past its random start-up trials, the
+    Gaussian process itself proposes the sequences."""
+    pytest.importorskip("scipy")
+    proposed = []
+    plain = optuna.samplers.GPSampler.sample_relative
+
+    def counting(self, study, trial, search_space):
+        params = plain(self, study, trial, search_space)
+        proposed.append(bool(params))
+        return params
+
+    monkeypatch.setattr(optuna.samplers.GPSampler, "sample_relative", counting)
+    strategy = make_strategy("optuna", SPEC, RunConfig(budget=12, batch_size=2, sampler="gp", length=3, seed=0))
+    drive(strategy, ev)
+    assert len(trials_of(strategy)) == 12
+    assert proposed.count(True) >= 2, proposed  # the trials after the 10 start-up ones came from the GP
+
+
+def test_gp_sampler_without_scipy_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "scipy", None)  # `import scipy` now raises ImportError
+    with pytest.raises(AdvsearchError, match="scipy"):
+        make_sampler("gp", 0)
+    with pytest.raises(AdvsearchError, match="scipy"):
+        make_strategy("optuna", SPEC, RunConfig(budget=4, sampler="gp"))
 
 
 def test_bad_storage_is_one_clear_error(tmp_path):
@@ -154,3 +178,51 @@ def test_a_worker_with_another_model_cannot_join(tmp_path, ev):
     drive(make_strategy("optuna", SPEC, RunConfig(**cfg, model_sha256="aaa", seed=1)), ev)
     with pytest.raises(AdvsearchError, match="other settings"):
         make_strategy("optuna", SPEC, RunConfig(**cfg, model_sha256="bbb")).propose()
+
+
+# A worker that asks one batch of 8 trials and never tells them (it is killed first); beats every second.
+ASK_AND_HANG = """import sys, time
+import strategies.optuna as o
+from advsearch.spec import ModelSpec
+from strategies import RunConfig, make_strategy
+o.HEARTBEAT_INTERVAL = 1
+s = make_strategy("optuna", ModelSpec(), RunConfig(budget=8, batch_size=8, length=6, storage=sys.argv[1],
+                                                   study_name="hb"))
+s.propose()
+print(s.worker, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_trials_of_a_killed_worker_are_failed_once_their_heartbeat_is_stale(kind, tmp_path, ev, monkeypatch):
+    url = f"journal:{tmp_path}/s.journal" if kind == "journal" else f"sqlite:///{tmp_path}/s.db"
+    grace = 4  # SQLite times beats to the second: well above the 1 s interval plus that rounding
+    monkeypatch.setattr(optuna_strategy, "HEARTBEAT_INTERVAL", 1)
+    monkeypatch.setattr(optuna_strategy, "GRACE_PERIOD", grace)
+    worker = subprocess.Popen([sys.executable, "-c", ASK_AND_HANG, url], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    try:
+        dead = worker.stdout.readline().strip()
+        assert dead, "the worker did not get to ask its batch"
+
+        storage = open_storage(url)
+
+        def trials(state):
+            return optuna.load_study(study_name="hb", storage=storage).get_trials(states=(state,))
+
+        other = make_strategy("optuna", SPEC, RunConfig(budget=64, batch_size=8, seed=1, length=6, storage=url,
+                                                        study_name="hb"))  # fmt: skip
+        time.sleep(grace + 0.5)
+        drive(other, ev, limit=1)  # joins and fails stale trials; the live worker's beats keep its batch running
+        assert len(trials(optuna.trial.TrialState.RUNNING)) == 8
+        worker.kill()  # SIGKILL, as kill -9: no chance to tell or fail anything
+        worker.wait()
+        time.sleep(grace + 1)
+        drive(other, ev, limit=1)  # its next batch first fails the dead worker's trials
+        assert not trials(optuna.trial.TrialState.RUNNING)
+        failed = trials(optuna.trial.TrialState.FAIL)
+        assert len(failed) == 8 and {t.user_attrs["worker"] for t in failed} == {dead}
+        assert len(trials(COMPLETE)) == 16
+    finally:
+        worker.kill()
