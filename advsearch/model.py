@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .determinism import eval_threads
 from .errors import AdvsearchError
 from .spec import ModelSpec
 
@@ -152,6 +153,7 @@ def read_state_dict(path: Path) -> dict:
     return state
 
 
+@eval_threads()  # the processed weights (cached, shared by every command) must not depend on the thread count
 def build_bridge(state: dict, spec: ModelSpec):
     """A TransformerBridge holding `state`, with HookedTransformer's load-time processing."""
     with warnings.catch_warnings():
