@@ -8,12 +8,13 @@ bits between 1 and 2 threads, while M = 1-4, 8 and >= 12 do not. The
 prefix-sharing census multiplies exactly such small matrices (one new token for
 each of 10 letters), so its logits moved by up to 1.6e-4 with the thread count,
 and a run on 2 threads differed from the same run on Ray (whose tasks use one
-thread) in the 6th digit of probabilities.
+thread) in the 6th significant digit of probabilities.
 
 So the evaluation always runs with `EVAL_THREADS` intra-op threads, whatever
 OMP_NUM_THREADS, the core count or an earlier `torch.set_num_threads` says: the
-runner, the evaluator, Ray shards and the `run` command enter `eval_threads()`,
-and `summary.json` records the count. One thread is what a Ray task with one CPU
+`run` command, the runner, the evaluator, Ray shards and the checkpoint's
+processing (`advsearch.model.build_bridge`) enter `eval_threads()`, and
+`summary.json` records the count. One thread is what a Ray task with one CPU
 has anyway, and on a shared, busy machine it was also the faster setting
 (two OpenMP threads contending with other processes spin).
 
