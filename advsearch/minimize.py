@@ -31,6 +31,7 @@ import torch
 from .errors import AdvsearchError
 from .oracle import first_unique
 from .spec import ModelSpec
+from .tokens import pad_prefixes
 
 
 @dataclass
@@ -69,11 +70,8 @@ class Minimizer:
         """For each candidate, (first position with failure kind, p_pred there), or None."""
         if not cands:
             return []
-        width = max(len(c) for c in cands)
-        toks = torch.zeros(len(cands), width, dtype=torch.long)
-        lens = torch.tensor([len(c) for c in cands])
-        for i, c in enumerate(cands):
-            toks[i, : len(c)] = torch.tensor(c)
+        toks, lens = pad_prefixes(cands, self.spec.qmark)
+        width = toks.shape[1]
         logits = self.evaluator.logits(toks)
         true, pred = first_unique(toks, self.spec.qmark), logits.argmax(-1)
         p = logits.softmax(-1).amax(-1)
@@ -119,10 +117,7 @@ class Minimizer:
         """
         spec = self.spec
         toks = [spec.encode(s).tolist() for s in sequences]
-        width = max(len(t) for t in toks)
-        batch = torch.zeros(len(toks), width, dtype=torch.long)
-        for i, t in enumerate(toks):
-            batch[i, : len(t)] = torch.tensor(t)
+        batch, _ = pad_prefixes(toks, spec.qmark)
         logits = self.evaluator.logits(batch)
         true, pred = first_unique(batch, spec.qmark), logits.argmax(-1)
         items: list[_Item | None] = []
@@ -133,7 +128,7 @@ class Minimizer:
                 problem = None if fails else f"{s!r} does not fail at any position: nothing to minimise"
                 k = fails[0] if fails else None
             elif not 0 <= k < len(t):
-                problem = f"--pos {k} is outside {s!r} (positions 0..{len(t) - 1})"
+                problem = f"position {k} is outside {s!r} (positions 0..{len(t) - 1})"
             elif k not in fails:
                 problem = f"{s!r} does not fail at position {k}: nothing to minimise"
             if problem and strict:

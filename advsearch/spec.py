@@ -79,14 +79,17 @@ class ModelSpec:
             raise AdvsearchError(f"sequence {text!r} has {len(text)} tokens; the model takes at most {self.seq_len}")
         return torch.tensor([self.vocab.index(c) for c in text], dtype=torch.long)
 
-    def random_tokens(self, n: int, seed: "int | torch.Generator") -> torch.Tensor:
-        """n sequences of the training distribution: `?` then seq_len - 1 uniform letters.
+    def random_tokens(self, n: int, seed: "int | torch.Generator", length: int | None = None) -> torch.Tensor:
+        """n sequences of the training distribution: `?` then `length` - 1 (default seq_len - 1)
+        uniform letters.
 
-        Seeded with a private generator, which gives the same tokens as the global RNG after
-        `torch.manual_seed(seed)` (the challenge's construction).
+        `seed` is a seed for a private generator, which gives the same tokens as the global RNG
+        after `torch.manual_seed(seed)` (the challenge's construction), or a generator to draw
+        from (the caller's stream continues from where this draw leaves it).
         """
         gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
-        body = torch.randint(0, self.n_letters, (n, self.seq_len - 1), generator=gen)
+        length = self.seq_len if length is None else length
+        body = torch.randint(0, self.n_letters, (n, length - 1), generator=gen)
         return torch.cat([torch.full((n, 1), self.qmark, dtype=torch.long), body], 1)
 
     def decode(self, tokens) -> str:

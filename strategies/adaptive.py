@@ -85,15 +85,15 @@ class AdaptiveStrategy(Strategy):
         super().__init__(spec, config)
         self.length = config.length or spec.seq_len
         if not 2 <= self.length <= spec.seq_len:
-            raise AdvsearchError(f"--length must be between 2 and {spec.seq_len}; got {self.length}")
+            raise AdvsearchError(f"the search length must be between 2 and {spec.seq_len}; got {self.length}")
         self.target = Target.parse(spec, config.target_pos, config.target_true, config.target_pred, self.length)
         self.done = 0  # sequences proposed and observed
         self.gen = torch.Generator().manual_seed(config.seed)
         self.table = self.schedule = None
         if config.cover_confusions:
             if not self.target.untargeted:
-                raise AdvsearchError("--cover-confusions aims at every (true, predicted) pair itself; "
-                                     "drop the --target-* options")  # fmt: skip
+                raise AdvsearchError("confusion coverage aims at every (true, predicted) pair itself; "
+                                     "it takes no target")  # fmt: skip
             self.table = ConfusionTable(spec, config.cover_threshold)
             self.schedule = CoverSchedule(self.table, warmup=min(self.WARMUP, config.budget // 10))
 
@@ -114,8 +114,8 @@ class AdaptiveStrategy(Strategy):
         return self.remaining() <= 0 or (self.table is not None and self.table.all_covered())
 
     def random_tokens(self, n: int) -> torch.Tensor:
-        body = torch.randint(0, self.spec.n_letters, (n, self.length - 1), generator=self.gen)
-        return torch.cat([torch.full((n, 1), self.spec.qmark), body], 1)
+        """n training-distribution sequences of the searched length, from the strategy's generator."""
+        return self.spec.random_tokens(n, self.gen, self.length)
 
     def scores(self, judged: Judged, target: Target) -> Scores:
         return score(judged.logits, judged.tokens, target, judge_from=1, qmark=self.spec.qmark, true=judged.true)

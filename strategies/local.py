@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from advsearch.tokens import one_letter_neighbours
+
 from .adaptive import AdaptiveStrategy
 from .base import Proposal
 
@@ -53,16 +55,6 @@ class Climb:
         c.ceiling = float("-inf") if state["ceiling"] is None else float(state["ceiling"])
         c.phase, c.moves, c.restarts = state["phase"], int(state["moves"]), int(state["restarts"])
         return c
-
-
-def single_moves(current: torch.Tensor, n_letters: int) -> torch.Tensor:
-    """Every sequence differing from `current` [L] at exactly one position >= 1, position-major."""
-    length = len(current)
-    pos = torch.arange(1, length).repeat_interleave(n_letters - 1)
-    off = torch.arange(1, n_letters).repeat(length - 1)
-    out = current.repeat(len(pos), 1)
-    out[torch.arange(len(pos)), pos] = (current[pos] + off) % n_letters
-    return out
 
 
 def double_moves(current: torch.Tensor, n_letters: int, count: int, gen: torch.Generator) -> torch.Tensor:
@@ -99,7 +91,7 @@ class LocalStrategy(AdaptiveStrategy):
         if climb.current is None:
             return self.random_tokens(min(self.RESTART_POOL, cap))
         if climb.phase == "single":
-            return single_moves(climb.current, self.spec.n_letters)[:limit]
+            return one_letter_neighbours(climb.current, self.spec.n_letters)[:limit]
         return double_moves(climb.current, self.spec.n_letters, min(self.DOUBLE_POOL, cap), self.gen)
 
     def _climb(self, climb: Climb, tokens: torch.Tensor, score: torch.Tensor) -> None:

@@ -33,14 +33,11 @@ class RandomStrategy(Strategy):
     def total(self) -> int:
         return self.config.budget
 
-    def _draw(self, n: int) -> torch.Tensor:
-        return torch.randint(0, self.spec.n_letters, (n, self.spec.seq_len - 1), generator=self.gen)
-
     def propose(self) -> Proposal | None:
         n = min(self.config.batch_size, self.config.budget - self.done)
         if n <= 0:
             return None
-        return Proposal(torch.cat([torch.full((n, 1), self.spec.qmark), self._draw(n)], 1))
+        return Proposal(self.spec.random_tokens(n, self.gen))
 
     def observe(self, proposal, judged) -> None:
         self.done += len(proposal.tokens)
@@ -56,7 +53,7 @@ class RandomStrategy(Strategy):
             self.table.load_state_dict(state["table"])
         self.gen.manual_seed(self.config.seed)
         for start in range(0, self.done, 1 << 16):  # replay, in bounded memory
-            self._draw(min(1 << 16, self.done - start))
+            self.spec.random_tokens(min(1 << 16, self.done - start), self.gen)
 
     def tables(self) -> dict[str, list[dict]]:
         return {"confusions.csv": self.table.rows()} if self.table is not None else {}

@@ -12,7 +12,8 @@ from advsearch.spec import ModelSpec
 from strategies import RunConfig, make_strategy
 
 from .conftest import drive
-from strategies.local import double_moves, single_moves
+from advsearch.tokens import one_letter_neighbours
+from strategies.local import double_moves
 
 SPEC = ModelSpec()
 
@@ -24,7 +25,7 @@ def ev(challenge):
 
 def test_neighbourhoods_are_exact():
     cur = SPEC.encode("?abcabcabcabcabcabca")
-    singles = single_moves(cur, 10)
+    singles = one_letter_neighbours(cur, 10)
     assert singles.shape == (19 * 9, 20)
     diff = singles != cur
     assert (diff.sum(1) == 1).all() and not diff[:, 0].any()
@@ -94,9 +95,9 @@ def test_local_resume_continues_the_same_trajectory(ev):
 
 
 def test_options_are_validated():
-    with pytest.raises(AdvsearchError, match="--length"):
+    with pytest.raises(AdvsearchError, match="length must be between 2 and 20"):
         make_strategy("local", SPEC, RunConfig(length=21))
-    with pytest.raises(AdvsearchError, match="drop the --target"):
+    with pytest.raises(AdvsearchError, match="takes no target"):
         make_strategy("local", SPEC, RunConfig(cover_confusions=True, target_pred="a"))
 
 
