@@ -1,4 +1,4 @@
-"""`advsearch suite build`, `advsearch regress`, `advsearch compare`, `advsearch harden` (issue 6).
+"""`advsearch suite build`, `advsearch regress`, `advsearch compare`, `advsearch harden`.
 
 Registered in cli.py with `main.add_command(...)` for `suite`, `regress`, `compare`, `harden`.
 """
@@ -157,12 +157,10 @@ def compare(models, sequences, seed, suites, explain_limit, yield_strategy, yiel
 def harden(model, suite_path, out, from_runs, steps, batch_size, lr, mix, focus, eval_every, mine, mine_every,
            mine_budget, seed, quiet, device) -> None:  # fmt: skip
     """Fine-tune --model on the training distribution mixed with the suite's failures; regress before/after."""
-    import hashlib
-
     from .harden import HardenOptions
     from .harden import harden as run_harden
     from .model import load_model, resolve_model_path
-    from .results import prepare_dir
+    from .results import prepare_dir, sha256_file
     from .suite import read_run, read_suite
     from .testing import evaluate_suite
 
@@ -178,7 +176,7 @@ def harden(model, suite_path, out, from_runs, steps, batch_size, lr, mix, focus,
     mine = tuple(m for m in mine if m != "none")
     options = HardenOptions(steps=steps, batch_size=batch_size, lr=lr, mix=mix, focus=focus, eval_every=eval_every,
                             seed=seed, mine=tuple(mine), mine_every=mine_every, mine_budget=mine_budget)  # fmt: skip
-    provenance = {"suite": str(suite_path), "suite_csv_sha256": hashlib.sha256(suite_path.read_bytes()).hexdigest(),
+    provenance = {"suite": str(suite_path), "suite_csv_sha256": sha256_file(suite_path),
                   "from_runs": [str(r) for r in from_runs]}  # fmt: skip
     info = run_harden(model_path, failures, out, options, progress=not quiet, provenance=provenance)
     b, a = info["before"], info["after"]

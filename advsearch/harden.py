@@ -25,7 +25,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +36,9 @@ from . import __version__
 from .errors import AdvsearchError
 from .model import OPTIONAL_BUFFERS, read_state_dict, validate_state_dict
 from .oracle import first_unique
+from .results import sha256_file, write_atomic
 from .spec import ModelSpec
+from .tokens import pad_prefixes
 from .train import RawTransformer, _torch_threads, make_dataset
 
 
@@ -71,7 +72,7 @@ def load_raw(path: Path) -> tuple[RawTransformer, ModelSpec, str]:
     validate_state_dict(state, spec, source=str(path))
     model = RawTransformer(spec)
     model.load_state_dict({k: v for k, v in state.items() if not k.endswith(OPTIONAL_BUFFERS)}, strict=True)
-    return model, spec, hashlib.sha256(path.read_bytes()).hexdigest()
+    return model, spec, sha256_file(path)
 
 
 def relabel(prefixes: torch.Tensor, lengths: torch.Tensor, spec: ModelSpec, gen: torch.Generator) -> torch.Tensor:
@@ -90,18 +91,13 @@ def relabel(prefixes: torch.Tensor, lengths: torch.Tensor, spec: ModelSpec, gen:
 def failure_pool(spec: ModelSpec, sequences: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     seqs = sorted(set(sequences))
     if not seqs:
-        raise AdvsearchError("nothing to harden on: the suite (and --from-run folders) hold no failures")
+        raise AdvsearchError("nothing to harden on: no failing prefixes were given")
     return encode_prefixes(spec, seqs)
 
 
 def encode_prefixes(spec: ModelSpec, seqs: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    toks = torch.full((len(seqs), spec.seq_len), spec.qmark, dtype=torch.long)
-    lengths = torch.empty(len(seqs), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        t = spec.encode(s)
-        toks[i, : len(t)] = t
-        lengths[i] = len(t)
-    return toks, lengths
+    """The prefixes as [n, n_ctx] token ids right-padded with `?`, and their lengths."""
+    return pad_prefixes([spec.encode(s) for s in seqs], spec.qmark, spec.seq_len)
 
 
 @torch.no_grad()
@@ -157,19 +153,13 @@ def mine(model: RawTransformer, strategy: str, budget: int, seed: int, min_confi
     from strategies import make_strategy
 
     from .evaluator import Evaluator
-    from .judge import judge
+    from .runner import local_steps
 
     loaded = loaded_from_raw(model)
-    spec = model.spec
-    strat = make_strategy(strategy, spec, strategy_config(loaded, strategy, budget, seed))
+    strat = make_strategy(strategy, model.spec, strategy_config(loaded, strategy, budget, seed))
     evaluator = Evaluator(loaded.weights, device="cpu")
-    found: list[str] = []
-    while (proposal := strat.propose()) is not None:
-        judged = judge(proposal.tokens, evaluator.evaluate(proposal), spec.qmark, min_confidence, proposal.judge_from)
-        strat.observe(proposal, judged)
-        for b, k in (judged.confident & judged.judged).nonzero().tolist():
-            found.append(spec.decode(proposal.tokens[b, : k + 1]))
-    return found
+    return [row["sequence"] for step in local_steps(strat, evaluator, min_confidence, run_id="mine")
+            for row in step.rows if row["confident"]]  # fmt: skip
 
 
 def harden(model_path: Path, failures: list[str], out: Path, options: HardenOptions = HardenOptions(), *,
@@ -177,16 +167,16 @@ def harden(model_path: Path, failures: list[str], out: Path, options: HardenOpti
     """Fine-tune the checkpoint at `model_path` on the training distribution mixed with relabelled
     `failures`; write the selected weights to `out` and `<out>.json`; return the sidecar dict."""
     if not 0 <= options.mix < 1:
-        raise AdvsearchError(f"--mix must lie in [0, 1), got {options.mix}")
+        raise AdvsearchError(f"the failure mix must lie in [0, 1), got {options.mix}")
     if options.steps < 1 or options.batch_size < 2 or options.eval_every < 1:
-        raise AdvsearchError("--steps, --batch-size and --eval-every must be positive (batch size >= 2)")
+        raise AdvsearchError("steps, batch size and evaluation interval must be positive (batch size >= 2)")
     if options.mine:
         from strategies import STRATEGIES
 
         options = HardenOptions(**{**options.to_dict(), "mine": tuple(options.mine)})
         for name in options.mine:
             if name not in STRATEGIES:
-                raise AdvsearchError(f"--mine: unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+                raise AdvsearchError(f"unknown mining strategy {name!r}; choose from {', '.join(STRATEGIES)}")
     with _torch_threads(options.threads):
         return _harden(Path(model_path), failures, Path(out), options, progress, provenance or {})
 
@@ -285,8 +275,6 @@ def _harden(model_path, failures, out, o: HardenOptions, progress, provenance) -
         "torch_version": torch.__version__,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out)
-    Path(str(out) + ".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    write_atomic(out, lambda tmp: torch.save(state, tmp))
+    write_atomic(Path(str(out) + ".json"), lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2) + "\n"))
     return sidecar

@@ -31,7 +31,7 @@ import numpy as np
 
 from .errors import AdvsearchError
 from .figures import Page, add_failure_view, add_mechanism, esc, failure_views
-from .results import read_json
+from .results import FailureRows, read_json
 
 DEFAULT_TOP = 10
 MAX_TOP = 100
@@ -89,7 +89,8 @@ def _read_csv_rows(path: Path) -> list[dict]:
 
 
 def read_run(run_dir: Path, top: int = DEFAULT_TOP) -> RunData:
-    """Stream a run folder into `RunData` (one pass over failures.csv)."""
+    """Stream a run folder into `RunData` (one pass over failures.csv, read by `results.FailureRows`:
+    an unfinished last line of an interrupted run is dropped)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AdvsearchError(f"run folder not found: {run_dir}")
@@ -101,13 +102,8 @@ def read_run(run_dir: Path, top: int = DEFAULT_TOP) -> RunData:
         raise AdvsearchError(f"{summary_path} is not a run summary")
     if not csv_path.exists():
         raise AdvsearchError(f"{run_dir} has no failures.csv")
-    try:
-        f = open(csv_path, newline="")
-    except OSError as e:
-        raise AdvsearchError(f"cannot read {csv_path}: {e.strerror or e}") from None
-    with f:
-        reader = csv.reader(f)
-        header = next(reader, None) or []
+    with FailureRows(csv_path) as reader:
+        header = reader.columns
         need = ("sequence", "position", "true", "predicted", "p_pred", "confident")
         missing = [c for c in need if c not in header]
         if missing:
@@ -119,8 +115,6 @@ def read_run(run_dir: Path, top: int = DEFAULT_TOP) -> RunData:
         i_cat, i_chk = ix.get("category"), ix.get("check")
         heap: list[tuple] = []  # (p_pred, margin, -row) of the top N, smallest first
         for n, row in enumerate(reader):
-            if len(row) < len(header):
-                continue  # a torn last line of an interrupted run
             try:
                 pos, pp = int(row[i_pos]), float(row[i_pp])
                 margin = float(row[i_m]) if i_m is not None else 0.0

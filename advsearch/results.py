@@ -4,8 +4,11 @@ summary.json, extra tables such as census.csv, and the resume state."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import AdvsearchError
@@ -81,10 +84,28 @@ class FailureLog:
         self.file.close()
 
 
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Call `write(tmp)` on a sibling `<name>.tmp`, then rename it over `path`.
+
+    Readers (and a run interrupted mid-write) see either the old file or the complete new one.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes (how checkpoints and suites are identified)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))
 
 
 def read_json(path: Path) -> dict:
@@ -102,3 +123,59 @@ def write_table(path: Path, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows({k: fmt(v) for k, v in r.items()} for r in rows)
     path.write_text(buf.getvalue())
+
+
+class FailureRows:
+    """A failures.csv read as a stream: `columns` (its header) and, by iteration, its rows as lists of cells.
+
+    A run appends its rows batch by batch, each row ended by a line break, so a run interrupted
+    while writing can leave one unfinished last line. That line is dropped: it is not a row yet
+    (a resumed run writes it again). Every other line must have one cell per column; a line that
+    does not is an error, as is a file that cannot be read. A blank line is skipped.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self._file = open(self.path, newline="")
+        except OSError as e:
+            raise AdvsearchError(f"cannot read {self.path}: {e.strerror or e}") from None
+        self._reader = csv.reader(self._complete_lines())
+        self.columns: list[str] = self._next() or []
+
+    def _complete_lines(self) -> Iterator[str]:
+        for line in self._file:
+            if line.endswith("\n"):
+                yield line
+
+    def _next(self) -> list[str] | None:
+        try:
+            return next(self._reader, None)
+        except (OSError, csv.Error, UnicodeDecodeError) as e:
+            self.close()
+            raise AdvsearchError(f"cannot read {self.path}: {e}") from None
+
+    def __iter__(self) -> Iterator[list[str]]:
+        try:
+            while (row := self._next()) is not None:
+                if not row:
+                    continue
+                if len(row) != len(self.columns):
+                    raise AdvsearchError(f"{self.path} line {self._reader.line_num}: {len(row)} fields, "
+                                         f"the header has {len(self.columns)}")  # fmt: skip
+                yield row
+        finally:
+            self.close()
+
+    def dicts(self) -> Iterator[dict[str, str]]:
+        """The rows as {column: cell}."""
+        return (dict(zip(self.columns, row)) for row in self)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "FailureRows":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

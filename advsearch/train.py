@@ -18,7 +18,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from torch import nn
 
 from . import __version__
 from .oracle import first_unique
+from .results import write_atomic
 from .spec import ModelSpec
 
 LN_EPS = 1e-5
@@ -169,12 +169,6 @@ def evaluate(model: RawTransformer, tokens: torch.Tensor, labels: torch.Tensor,
     return total_loss / max(count, 1), correct / max(count, 1)
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def train(
     spec: ModelSpec = ModelSpec(),
     epochs: int = 50,
@@ -289,6 +283,6 @@ def _train(spec, epochs, batch_size, lr, weight_decay, n_train, n_val, data_seed
         "torch_version": torch.__version__,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out, lambda p: torch.save(state, p))
-    _write_atomic(Path(str(out) + ".json"), lambda p: p.write_text(json.dumps(sidecar, indent=2) + "\n"))
+    write_atomic(out, lambda p: torch.save(state, p))
+    write_atomic(Path(str(out) + ".json"), lambda p: p.write_text(json.dumps(sidecar, indent=2) + "\n"))
     return sidecar

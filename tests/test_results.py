@@ -1,0 +1,73 @@
+"""Run-output helpers: the failures.csv reader, atomic writes, file hashes."""
+
+import hashlib
+
+import pytest
+
+from advsearch.errors import AdvsearchError
+from advsearch.report import read_run as report_run
+from advsearch.results import FailureRows, sha256_file, write_atomic
+from advsearch.suite import read_run as suite_run
+
+HEADER = "run_id,strategy,sequence,position,true,predicted,p_true,p_pred,margin,confident\r\n"
+ROWS = ["r,random,?aab,3,b,a,0.3,0.6,1,true\r\n", "r,random,?aa,2,?,a,0.01,0.99,5,true\r\n"]
+
+
+def write(folder, text):
+    folder.mkdir(exist_ok=True)
+    (folder / "failures.csv").write_text(text, newline="")
+    (folder / "summary.json").write_text('{"run_id": "r", "strategy": "random"}')
+    return folder
+
+
+def test_an_unfinished_last_line_is_dropped_by_every_reader(tmp_path):
+    for torn in ("r,random,?ab", "r,random,?abc,3,c,a,0.3,0.6,1,tr"):  # short, and full-width but cut
+        run = write(tmp_path / str(len(torn)), HEADER + "".join(ROWS) + torn)
+        with FailureRows(run / "failures.csv") as table:
+            assert table.columns == HEADER.strip().split(",")
+            assert [row[2] for row in table] == ["?aab", "?aa"]
+        assert [r["sequence"] for r in suite_run(run).rows] == ["?aab", "?aa"]
+        assert report_run(run).rows == 2
+
+
+def test_a_finished_file_keeps_every_row_and_skips_blank_lines(tmp_path):
+    run = write(tmp_path / "ok", HEADER + ROWS[0] + "\r\n" + ROWS[1])
+    assert [r["sequence"] for r in FailureRows(run / "failures.csv").dicts()] == ["?aab", "?aa"]
+    assert [r["sequence"] for r in suite_run(run).rows] == ["?aab", "?aa"]
+
+
+def test_a_finished_line_with_missing_cells_is_an_error_everywhere(tmp_path):
+    run = write(tmp_path / "bad", HEADER + "r,random,?ab\r\n" + "".join(ROWS))
+    with pytest.raises(AdvsearchError, match="line 2: 3 fields"):
+        list(FailureRows(run / "failures.csv"))
+    with pytest.raises(AdvsearchError, match="line 2"):
+        suite_run(run)
+    with pytest.raises(AdvsearchError, match="line 2"):
+        report_run(run)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(AdvsearchError, match="cannot read"):
+        FailureRows(tmp_path / "none.csv")
+
+
+def test_write_atomic_replaces_whole_files_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_text("old")
+    write_atomic(path, lambda tmp: tmp.write_text("new"))
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        write_atomic(path, fail)
+    assert path.read_text() == "new"  # the old file is untouched by a write that did not finish
+
+
+def test_sha256_file(tmp_path):
+    path = tmp_path / "x.bin"
+    data = bytes(range(256)) * 5000  # larger than one read block
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
