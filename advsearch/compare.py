@@ -6,8 +6,7 @@ Sections (each model sees exactly the same inputs):
   sequences, mean p(true), failure and confident-failure rates (per position and per
   sequence position k = 1..n_ctx-1);
 - categories: failure categories (`advsearch.explain.Explainer`) of the first
-  `explain_limit` failing positions of that data; skipped with a note when the
-  explanation module is not importable;
+  `explain_limit` failing positions of that data;
 - suites: pass rate, fixed and regressed counts on every suite in `results/suites/`
   (or the ones given);
 - search yield: confident failures per 1000 sequences evaluated that a search strategy
@@ -25,6 +24,7 @@ import torch
 
 from .errors import AdvsearchError
 from .evaluator import Evaluator
+from .explain import Explainer
 from .judge import judge
 
 SUITES_DIR = Path("results") / "suites"
@@ -48,10 +48,6 @@ def random_section(model, tokens: torch.Tensor, evaluator: Evaluator, min_confid
 
 
 def category_section(model, tokens: torch.Tensor, failing: list, limit: int) -> dict:
-    try:
-        from .explain import Explainer
-    except ImportError as e:
-        return {"skipped": f"advsearch.explain is not available ({e})"}
     items = [(tokens[b, : k + 1], k) for b, k in failing[:limit]]
     if not items:
         return {"explained": 0, "counts": {}}

@@ -11,6 +11,23 @@ from .oracle import first_unique, first_unique_last
 YIELD_CONFIDENCE = 0.9  # a sequence is a "hit" when it has a failure with p_pred >= this
 
 
+def best_wrong(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """The class with the largest logit other than `label` (the first such on ties); `label` has
+    the shape of `logits` without its last (class) dimension."""
+    return logits.scatter(-1, label.unsqueeze(-1), float("-inf")).argmax(-1)
+
+
+def logit_margin(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """`max_{c != label} logit_c - logit_label` at every position, in the dtype of `logits`.
+
+    The one sign convention of the project: positive exactly where the argmax is not `label` (a
+    failure when `label` is the truth; there it equals logit(prediction) - logit(truth)), negative
+    where `label` wins, by how much it wins; 0 on a tie. Its negation is how far `label` leads.
+    """
+    others = logits.scatter(-1, label.unsqueeze(-1), float("-inf"))
+    return others.amax(-1) - logits.gather(-1, label.unsqueeze(-1)).squeeze(-1)
+
+
 @dataclass
 class Judged:
     """Verdicts for a batch; every tensor is [batch, seq]. `judged` marks the positions looked at;
@@ -21,7 +38,7 @@ class Judged:
     pred: torch.Tensor
     p_true: torch.Tensor
     p_pred: torch.Tensor
-    margin: torch.Tensor  # logit_pred - logit_true (0 where the prediction is right)
+    margin: torch.Tensor  # logit_margin against the truth: > 0 exactly at failures (0 where there are no logits)
     failure: torch.Tensor
     confident: torch.Tensor
     judged: torch.Tensor
@@ -65,7 +82,7 @@ def judge(
     full_logits[:, first:] = logits
     p_true = probs.gather(-1, true.unsqueeze(-1)).squeeze(-1)
     p_pred = probs.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
-    margin = (full_logits.gather(-1, pred.unsqueeze(-1)) - full_logits.gather(-1, true.unsqueeze(-1))).squeeze(-1)
+    margin = logit_margin(full_logits, true)
     judged = torch.zeros_like(true, dtype=torch.bool)
     judged[:, judge_from:] = True
     failure = (pred != true) & judged

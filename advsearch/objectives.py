@@ -2,10 +2,12 @@
 
 Per position k of a sequence (truth t = first-unique label at k):
 
-- untargeted: `max_{c != t} logit_c - logit_t`, the margin of the best wrong
-  class over the true class. Positive exactly where the model fails at k.
-- targeted at a predicted class Y: `logit_Y - max_{c != Y} logit_c`. Positive
-  exactly where Y is the model's prediction (ties aside).
+- untargeted: `judge.logit_margin` against t, `max_{c != t} logit_c - logit_t`,
+  the margin of the best wrong class over the true class. Positive exactly
+  where the model fails at k.
+- targeted at a predicted class Y: how far Y leads, `logit_Y - max_{c != Y} logit_c`
+  (the negated `logit_margin` against Y). Positive exactly where Y is the
+  model's prediction (ties aside).
 
 A `Target` may fix the position (`pos`), the truth (`true`) and/or the wrong
 prediction (`pred`). A sequence's score is the best score over the positions
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import AdvsearchError
+from .judge import logit_margin
 from .oracle import first_unique
 from .spec import ModelSpec
 
@@ -54,14 +57,14 @@ class Target:
             if ch is None:
                 return None
             if len(ch) != 1 or ch not in spec.vocab:
-                raise AdvsearchError(f"--{name} must be one of {', '.join(spec.vocab)}; got {ch!r}")
+                raise AdvsearchError(f"the target {name} must be one of {', '.join(spec.vocab)}; got {ch!r}")
             return spec.vocab.index(ch)
 
-        t, p = token("target-true", true), token("target-pred", pred)
+        t, p = token("truth", true), token("prediction", pred)
         if t is not None and t == p:
-            raise AdvsearchError(f"--target-true and --target-pred are both {true!r}: that is not a failure")
+            raise AdvsearchError(f"the target truth and prediction are both {true!r}: that is not a failure")
         if pos is not None and not 1 <= pos < length:
-            raise AdvsearchError(f"--target-pos must be between 1 and {length - 1} "
+            raise AdvsearchError(f"the target position must be between 1 and {length - 1} "
                                  f"(sequence length {length}); got {pos}")
         return cls(pos, t, p)
 
@@ -90,14 +93,9 @@ def position_scores(
     """(margin [batch, seq], truth-matches [batch, seq]) before penalties and position masks."""
     logits = logits.float()
     if target.pred is None:
-        true_logit = logits.gather(-1, true.unsqueeze(-1)).squeeze(-1)
-        others = logits.scatter(-1, true.unsqueeze(-1), float("-inf"))
-        margin = others.amax(-1) - true_logit
+        margin = logit_margin(logits, true)
     else:
-        y_logit = logits[..., target.pred]
-        others = logits.clone()
-        others[..., target.pred] = float("-inf")
-        margin = y_logit - others.amax(-1)
+        margin = -logit_margin(logits, torch.full_like(true, target.pred))
     ok = torch.ones_like(true, dtype=torch.bool)
     if target.true is not None:
         ok &= true == target.true

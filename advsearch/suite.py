@@ -28,7 +28,8 @@ answer does not depend on what follows it). Columns of the suite CSV:
     baseline_predicted    the baseline model's argmax
     baseline_p_pred       its probability
     baseline_p_true       the probability of the expected answer
-    baseline_true_margin  logit(expected) - max other logit (> 0: right, < 0: wrong)
+    baseline_true_margin  logit(expected) - max other logit (> 0: right, < 0: wrong):
+                          the negation of `judge.logit_margin`
     baseline_pass         true when the baseline answered `expected`
     category              failure category from the runs (`category` column) or
                           from the Explainer (`--explain`); empty when unknown
@@ -55,9 +56,12 @@ import torch
 from . import __version__
 from .errors import AdvsearchError
 from .evaluator import Evaluator
-from .oracle import first_unique_last
-from .results import fmt, prepare_dir, read_json
+from .explain import Explainer
+from .judge import best_wrong, logit_margin
+from .oracle import first_unique, first_unique_last
+from .results import FailureRows, fmt, prepare_dir, read_json
 from .spec import ModelSpec
+from .tokens import one_letter_neighbours, pad_prefixes
 
 SUITE_FORMAT = 1
 SUITE_COLUMNS = (
@@ -128,29 +132,22 @@ class Verdicts:
     pred: torch.Tensor
     p_pred: torch.Tensor
     p_true: torch.Tensor
-    true_margin: torch.Tensor  # logit(expected) - max other logit
+    margin: torch.Tensor  # `judge.logit_margin` against `expected` (> 0: wrong); the CSV stores its negation
 
     @property
     def passed(self) -> torch.Tensor:
         return self.pred == self.expected
 
 
-def pad_prefixes(spec: ModelSpec, tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad prefixes with `?` to n_ctx (harmless: the model is causal); returns (batch, last index)."""
-    batch = torch.full((len(tokens), spec.seq_len), spec.qmark, dtype=torch.long)
-    last = torch.empty(len(tokens), dtype=torch.long)
-    for i, t in enumerate(tokens):
-        batch[i, : len(t)] = t
-        last[i] = len(t) - 1
-    return batch, last
-
-
-def judge_last(evaluator: Evaluator, spec: ModelSpec, batch: torch.Tensor, last: torch.Tensor) -> Verdicts:
-    """Judge row i of `batch` [n, n_ctx] at position last[i] (the fused evaluator, chunked)."""
-    n = len(batch)
+def judge_last(evaluator: Evaluator, spec: ModelSpec, prefixes: list[torch.Tensor]) -> Verdicts:
+    """Judge each prefix (token ids, `?` first) at its last position, in float64 (the fused
+    evaluator, the prefixes padded to n_ctx with `?` and evaluated in chunks)."""
+    n = len(prefixes)
     if n == 0:
         e = torch.empty(0, dtype=torch.long)
         return Verdicts(e, e, torch.empty(0), torch.empty(0), torch.empty(0))
+    batch, lengths = pad_prefixes(prefixes, spec.qmark, spec.seq_len)
+    last = lengths - 1
     expected = torch.empty(n, dtype=torch.long)
     for length in last.unique().tolist():  # the oracle on each prefix length
         rows = (last == length).nonzero().flatten()
@@ -158,10 +155,8 @@ def judge_last(evaluator: Evaluator, spec: ModelSpec, batch: torch.Tensor, last:
     logits = evaluator.logits(batch)[torch.arange(n), last].double()
     probs = logits.softmax(-1)
     pred = logits.argmax(-1)
-    l_true = logits.gather(1, expected[:, None]).squeeze(1)
-    others = logits.scatter(1, expected[:, None], float("-inf")).amax(-1)
     return Verdicts(expected, pred, probs.gather(1, pred[:, None]).squeeze(1),
-                    probs.gather(1, expected[:, None]).squeeze(1), (l_true - others))  # fmt: skip
+                    probs.gather(1, expected[:, None]).squeeze(1), logit_margin(logits, expected))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,26 +175,22 @@ class RunFailures:
 
 
 def read_run(run_dir: Path) -> RunFailures:
-    """failures.csv (and summary.json when present) of one run folder."""
+    """failures.csv (a run folder's, or the file itself) and the folder's summary.json when present.
+
+    Rows are read by `results.FailureRows` (an unfinished last line of an interrupted run is dropped)."""
     run_dir = Path(run_dir)
     csv_path = run_dir / "failures.csv" if run_dir.is_dir() else run_dir
     if not csv_path.exists():
         raise AdvsearchError(f"no failures.csv in {run_dir}")
-    try:
-        with open(csv_path, newline="") as f:
-            reader = csv.DictReader(f)
-            columns = tuple(reader.fieldnames or ())
-            rows = list(reader)
-    except (OSError, csv.Error, UnicodeDecodeError) as e:
-        raise AdvsearchError(f"cannot read {csv_path}: {e}") from None
-    if "sequence" not in columns:
-        raise AdvsearchError(f"{csv_path} is not a failures.csv (no 'sequence' column)")
-    summary, summary_path = {}, csv_path.parent / "summary.json"
-    if summary_path.exists():
-        try:
-            summary = json.loads(summary_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise AdvsearchError(f"cannot read {summary_path}: {e}") from None
+    with FailureRows(csv_path) as table:
+        columns = tuple(table.columns)
+        if "sequence" not in columns:
+            raise AdvsearchError(f"{csv_path} is not a failures.csv (no 'sequence' column)")
+        rows = list(table.dicts())
+    summary_path = csv_path.parent / "summary.json"
+    summary = read_json(summary_path) if summary_path.exists() else {}
+    if not isinstance(summary, dict):
+        raise AdvsearchError(f"{summary_path} is not a run summary")
     first = rows[0] if rows else {}
     return RunFailures(
         path=run_dir,
@@ -263,10 +254,10 @@ def build_suite(model, run_dirs: list[Path], options: BuildOptions = BuildOption
             if run.has_category and same_model and row.get("category"):
                 categories[seq].append((origin, row["category"]))
     seqs = sorted(origins)
-    verdicts = judge_last(evaluator, spec, *pad_prefixes(spec, [spec.encode(s) for s in seqs]))
+    verdicts = judge_last(evaluator, spec, [spec.encode(s) for s in seqs])
 
     failing = [i for i in range(len(seqs))
-               if not verdicts.passed[i] and -float(verdicts.true_margin[i]) >= options.min_margin]  # fmt: skip
+               if not verdicts.passed[i] and float(verdicts.margin[i]) >= options.min_margin]  # fmt: skip
     category = {}
     if options.explain and failing:
         category = _explain_categories(model, [seqs[i] for i in failing])
@@ -282,7 +273,7 @@ def build_suite(model, run_dirs: list[Path], options: BuildOptions = BuildOption
     chosen = []
     for key in sorted(groups):
         ranked = sorted(groups[key], key=lambda i: (-round(float(verdicts.p_pred[i]), 9),
-                                                    round(float(verdicts.true_margin[i]), 9), len(seqs[i]), seqs[i]))  # fmt: skip
+                                                    round(-float(verdicts.margin[i]), 9), len(seqs[i]), seqs[i]))  # fmt: skip
         chosen.extend(ranked[: options.per_group])
     chosen.sort(key=lambda i: (V[int(verdicts.expected[i])], V[int(verdicts.pred[i])], category[seqs[i]],
                                len(seqs[i]), seqs[i]))  # fmt: skip
@@ -291,7 +282,7 @@ def build_suite(model, run_dirs: list[Path], options: BuildOptions = BuildOption
         return SuiteEntry(
             id="", kind=kind, sequence=seq, position=len(seq) - 1, expected=V[int(v.expected[i])],
             baseline_predicted=V[int(v.pred[i])], baseline_p_pred=float(v.p_pred[i]),
-            baseline_p_true=float(v.p_true[i]), baseline_true_margin=float(v.true_margin[i]),
+            baseline_p_true=float(v.p_true[i]), baseline_true_margin=-float(v.margin[i]),
             baseline_pass=bool(v.passed[i]), category=cat, origin=origin,
         )  # fmt: skip
 
@@ -334,10 +325,6 @@ def build_suite(model, run_dirs: list[Path], options: BuildOptions = BuildOption
 
 
 def _explain_categories(model, seqs: list[str]) -> dict[str, str]:
-    try:
-        from .explain import Explainer
-    except ImportError as e:  # the explanation module is optional
-        raise AdvsearchError(f"--explain needs advsearch.explain ({e})") from None
     spec = model.spec
     items = [(spec.encode(s), len(s) - 1) for s in seqs]
     return {s: ex.category for s, ex in zip(seqs, Explainer(model).explain_many(items))}
@@ -351,22 +338,17 @@ def _guards(evaluator, spec, failures, taken: set[str], options: BuildOptions, e
     if options.neighbours and failures:
         variants, owner = [], []
         for fi, f in enumerate(failures):
-            toks = spec.encode(f.sequence)
-            for pos in range(1, len(toks)):
-                for letter in range(n_letters):
-                    if letter != toks[pos]:
-                        v = toks.clone()
-                        v[pos] = letter
-                        variants.append(v)
-                        owner.append(fi)
-        v = judge_last(evaluator, spec, *pad_prefixes(spec, variants))
+            near = one_letter_neighbours(spec.encode(f.sequence), n_letters)
+            variants += list(near)
+            owner += [fi] * len(near)
+        v = judge_last(evaluator, spec, variants)
         best: dict[int, tuple] = {}
         for i in range(len(variants)):
-            margin = float(v.true_margin[i])
-            if not v.passed[i] or margin < options.min_margin:
+            lead = -float(v.margin[i])  # how far the expected answer leads
+            if not v.passed[i] or lead < options.min_margin:
                 continue
             seq = spec.decode(variants[i])
-            key = (round(margin, 9), seq)
+            key = (round(lead, 9), seq)
             if seq not in taken and (owner[i] not in best or key < best[owner[i]][0]):
                 best[owner[i]] = (key, i, seq)
         for fi in sorted(best):
@@ -381,25 +363,21 @@ def _guards(evaluator, spec, failures, taken: set[str], options: BuildOptions, e
     # a seeded pool of training-distribution prefixes (every position >= 1 of `pool` sequences)
     full = spec.random_tokens(options.pool, options.seed)
     logits = evaluator.logits(full).double()  # [pool, L, V]
-    from .oracle import first_unique
-
     truth = first_unique(full, q)
     pred = logits.argmax(-1)
-    l_true = logits.gather(-1, truth[..., None]).squeeze(-1)
-    masked = logits.scatter(-1, truth[..., None], float("-inf"))
-    runner_up = masked.argmax(-1)
-    margin = l_true - masked.amax(-1)
-    ok = (pred == truth) & (margin >= options.min_margin)
+    runner_up = best_wrong(logits, truth)
+    lead = -logit_margin(logits, truth)  # how far the truth leads
+    ok = (pred == truth) & (lead >= options.min_margin)
     ok[:, 0] = False
     rows, cols = ok.nonzero(as_tuple=True)  # row-major: deterministic
-    margins = margin[rows, cols]
+    margins = lead[rows, cols]
 
     def prefix(i: int) -> str:
         return spec.decode(full[rows[i], : cols[i] + 1])
 
     def add(selected: list[str], kind: str) -> None:
         sel_toks = [spec.encode(s) for s in sorted(selected, key=lambda s: (len(s), s))]
-        v = judge_last(evaluator, spec, *pad_prefixes(spec, sel_toks))
+        v = judge_last(evaluator, spec, sel_toks)
         for i, t in enumerate(sel_toks):
             s = spec.decode(t)
             taken.add(s)

@@ -29,7 +29,7 @@ from pathlib import Path
 from .errors import AdvsearchError
 from .evaluator import Evaluator
 from .results import fmt
-from .suite import Suite, SuiteEntry, judge_last, pad_prefixes, read_suite
+from .suite import Suite, SuiteEntry, judge_last, read_suite
 
 STATUSES = ("fixed", "still_failing", "kept", "regressed")
 
@@ -40,7 +40,7 @@ class EntryResult:
     predicted: str
     p_pred: float
     p_true: float
-    true_margin: float
+    margin: float  # judge.logit_margin against the expected answer (> 0: wrong)
 
     @property
     def passed(self) -> bool:
@@ -216,9 +216,9 @@ def evaluate_suite(model, suite: Suite | str | Path, *, min_pass_rate: float | N
     if min_pass_rate is not None and not 0 <= min_pass_rate <= 1:
         raise AdvsearchError(f"min_pass_rate must lie in [0, 1], got {min_pass_rate}")
     evaluator = Evaluator(model.weights, device=device, batch_size=batch_size)
-    v = judge_last(evaluator, spec, *pad_prefixes(spec, [spec.encode(e.sequence) for e in suite.entries]))
+    v = judge_last(evaluator, spec, [spec.encode(e.sequence) for e in suite.entries])
     results = [
-        EntryResult(e, spec.vocab[int(v.pred[i])], float(v.p_pred[i]), float(v.p_true[i]), float(v.true_margin[i]))
+        EntryResult(e, spec.vocab[int(v.pred[i])], float(v.p_pred[i]), float(v.p_true[i]), float(v.margin[i]))
         for i, e in enumerate(suite.entries)
     ]
     rate = suite.baseline_pass_rate if min_pass_rate is None else float(min_pass_rate)

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from advsearch.judge import judge
+from advsearch.judge import best_wrong, judge, logit_margin
 
 
 def test_judge_fields_on_handmade_logits():
@@ -19,6 +19,7 @@ def test_judge_fields_on_handmade_logits():
     assert math.isclose(float(j.p_pred[0, 1]), p_b, rel_tol=1e-5)
     assert math.isclose(float(j.p_true[0, 1]), 1 / (math.exp(3) + 10), rel_tol=1e-5)
     assert math.isclose(float(j.margin[0, 1]), 3.0, rel_tol=1e-6)
+    assert float(j.margin[0, 0]) == -5.0 and float(j.margin[0, 2]) == 1.0  # right by 5; wrong by 1
     assert j.confident.tolist() == [[False, True, False]]  # p(a) at pos 2 is e/(e+10) < 0.5
     assert j.failing().tolist() == [[0, 1], [0, 2]]
 
@@ -39,3 +40,13 @@ def test_logits_for_the_last_positions_only():
     assert j.judged.tolist() == [[False, False, True]] * 2
     assert j.failing().tolist() == [[1, 2]]
     assert j.pred[1, 2] == 2 and math.isclose(float(j.margin[1, 2]), 4.0)
+
+
+def test_logit_margin_sign_and_best_wrong_on_handmade_logits():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [2.0, 2.0, 0.0], [0.5, -1.0, 4.0]])
+    label = torch.tensor([0, 0, 2])
+    # best other minus the label's logit: wrong by 2 (3 vs 1), a tie (0), right by 3.5 (4 vs 0.5)
+    assert logit_margin(logits, label).tolist() == [2.0, 0.0, -3.5]
+    assert best_wrong(logits, label).tolist() == [1, 1, 0]
+    assert logit_margin(logits, torch.tensor([1, 1, 0])).tolist() == [-1.0, 0.0, 3.5]
+    assert logit_margin(logits.double(), label).dtype == torch.float64

@@ -96,8 +96,8 @@ def test_untargeted_score_agrees_with_the_judge_on_random_batches():
 def test_target_parse_validates():
     assert Target.parse(SPEC, 3, "a", "?") == Target(3, A, Q)
     for args, msg in [((3, "a", "a"), "not a failure"), ((0, None, None), "between 1 and 19"),
-                      ((20, None, None), "between 1 and 19"), ((None, "z", None), "target-true"),
-                      ((None, None, "ab"), "target-pred")]:  # fmt: skip
+                      ((20, None, None), "between 1 and 19"), ((None, "z", None), "target truth"),
+                      ((None, None, "ab"), "target prediction")]:  # fmt: skip
         with pytest.raises(AdvsearchError, match=msg):
             Target.parse(SPEC, *args)
     with pytest.raises(AdvsearchError, match="between 1 and 7"):
