@@ -5,17 +5,22 @@ parametric generator of full-length sequences. The letter sets come from the
 loaded checkpoint's computed tables (its layer-1 responsibility sets), never
 from typed-in letters, so another checkpoint gets other constructors.
 
-Families (S_h is the set of letters layer-1 head h is responsible for):
+Families (S_h is the set of letters layer-1 head h is responsible for). What
+the weights say a layer-1 head does: attending to a letter of its own set, it
+pushes that letter down and lifts the letter's set-mates; attending to other
+heads' letters, it lifts its own letters and pushes `?` down.
 
 - `overload`: many copies of letters of S_h, then one letter u of S_h (the
   answer from then on), then a unique letter v of another head's set, then
-  more copies. Head h is busy suppressing its duplicated letters, so its boost
-  of u is diluted and v can win.
+  more copies. Head h's attention goes to its duplicated letters, while the
+  head responsible for v attends to letters of S_h, which are not its own, and
+  so lifts its own letters, v among them: v can beat u.
 - `first_instance`: a run of duplicated letters, most from S_h, then the first
   instance of a letter of S_h at the current position (it is the answer).
 - `late_duplicate`: x of S_h first, many copies of other letters of S_h, then a
-  second x (x is no longer the answer) while head h is busy: x may stay
-  unsuppressed.
+  second x (x is no longer the answer). Head h's attention is spread over the
+  copies, each of which lifts its set-mates, x among them, so x may not be
+  pushed down enough.
 - `all_duplicated`: every letter duplicated (the answer is `?`), the copies
   concentrated on one head's set, then one late change: a new letter.
 - `adjacent_unique`: two unique letters side by side (x then y, from different

@@ -30,15 +30,79 @@ def sequences(tables, family, n=200, seed=0, batch_size=64):
     return torch.cat(out)
 
 
+SETS = [[0, 5, 9], [1, 2, 3, 4], [6, 7, 8]]
+Q = 10
+
+
+def home(letter: int) -> set[int]:
+    return next(set(s) for s in SETS if letter in s)
+
+
+def family_promise(family: str, row: list[int], truth: list[int]) -> str | None:
+    """What `family` promises about one of its sequences, checked from the tokens and the oracle's
+    labels `truth`; None when it holds, else what is broken."""
+    count = {t: row[1:].count(t) for t in set(row[1:])}
+    uniques = [i for i in range(1, len(row)) if count[row[i]] == 1]  # positions of letters occurring once
+    duplicated = {t for t, c in count.items() if c > 1}
+    latest_new = max(row.index(t, 1) for t in count)  # where the last letter not seen before appears
+    if family == "overload":  # copies of S - {u}, the unique u of S (the answer), a unique v of another set
+        if len(uniques) != 2:
+            return f"{len(uniques)} unique letters"
+        u, v = row[uniques[0]], row[uniques[1]]
+        if not duplicated <= home(u) - {u} or v in home(u):
+            return "the copies are not u's set-mates, or v is"
+        return None if truth[-1] == u else "u is not the answer"
+    if family == "first_instance":  # a run of S - {new}, then the first instance of new, unique to the end
+        k, new = latest_new, row[latest_new]
+        if not (len(row) - 6 <= k and set(row[1:k]) <= home(new) - {new} and count[new] == 1):
+            return "not a run of new's set-mates followed by a unique new letter of the set"
+        # new is the answer there, unless cutting the run to length left one of its letters single
+        return None if truth[k] == new or row[1:k].count(truth[k]) == 1 else "new is not the answer"
+    if family == "late_duplicate":  # x, copies of S - {x}, then x again: x answers until its repeat
+        x = row[1]
+        if not set(row[1:]) <= home(x) or count[x] < 2:
+            return "letters outside x's set, or x not repeated"
+        second = row.index(x, 2)
+        return None if truth[second - 1] == x and truth[second] == Q else "x is not the answer until its repeat"
+    if family == "all_duplicated":  # copies of one set (answer ?), then a letter not seen before
+        p = latest_new
+        if not set(row[1:p]) <= home(row[1]):
+            return "the copies come from more than one set"
+        return None if truth[p - 1] == Q and truth[p] == row[p] else "not ? then the new letter"
+    if family == "adjacent_unique":  # copies of S - {x}, then x and y (of another set) side by side
+        if len(uniques) != 2 or uniques[1] != uniques[0] + 1:
+            return "not exactly two unique letters side by side"
+        x, y = row[uniques[0]], row[uniques[1]]
+        if not duplicated <= home(x) - {x} or y in home(x):
+            return "the copies are not x's set-mates, or y is"
+        return None if truth[uniques[1]] == x and truth[-1] == x else "x is not the answer"
+    raise AssertionError(f"no promise written down for family {family}")
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_families_build_valid_sequences_from_the_given_sets(family):
-    sets = [[0, 5, 9], [1, 2, 3, 4], [6, 7, 8]]
-    toks = sequences(fake_tables(sets), family)
-    assert toks.shape == (200, 20) and (toks[:, 0] == 10).all() and (toks[:, 1:] < 10).all()
-    for row in toks.tolist():
-        dup = [t for t in set(row[1:]) if row.count(t) > 1]
-        # the duplicated letters that overload a head all come from one responsibility set
-        assert any(set(dup) - {x} <= set(s) for s in sets for x in row), (family, row)
+def test_families_keep_their_promise_on_the_given_sets(family):
+    toks = sequences(fake_tables(SETS), family, n=400)
+    assert toks.shape == (400, 20) and (toks[:, 0] == Q).all() and (toks[:, 1:] < Q).all()
+    truth = first_unique(toks).tolist()
+    for row, labels in zip(toks.tolist(), truth):
+        assert family_promise(family, row, labels) is None, (family, row, family_promise(family, row, labels))
+    if family == "first_instance":  # the exception above is rare: the new letter is nearly always the answer
+        k = [max(r.index(t, 1) for t in set(r[1:])) for r in toks.tolist()]
+        assert sum(t[i] == r[i] for r, t, i in zip(toks.tolist(), truth, k)) >= 0.95 * len(k)
+
+
+def test_family_promises_catch_broken_sequences():
+    """The checks above can fail: hand-made sequences that break each family's promise."""
+    broken = {
+        "overload": [Q, 0, 5, 0, 5, 9, 1, 2],  # the copies and u from {0, 5, 9}, then v = 1 and an extra unique 2
+        "first_instance": [Q, 1, 2, 1, 2, 6] + [1] * 14,  # the late new letter is from another set
+        "late_duplicate": [Q, 1, 2, 2, 6, 6, 1] + [2] * 13,  # 6 is not x's set-mate
+        "all_duplicated": [Q, 1, 1, 6, 6, 7] + [1] * 14,  # the copies span two sets
+        "adjacent_unique": [Q, 2, 2, 1, 3, 6] + [2] * 14,  # three unique letters
+    }
+    for family, row in broken.items():
+        labels = first_unique(torch.tensor([row]))[0].tolist()
+        assert family_promise(family, row, labels) is not None, family
 
 
 def test_sets_come_from_the_tables_not_from_the_code():
