@@ -1,4 +1,4 @@
-"""`advsearch report` (issue 8); registered in cli.py with add_command. `explain --html` lives in cli_mechanism."""
+"""`advsearch report`; registered in cli.py with add_command. `explain --html` lives in cli_mechanism."""
 
 from __future__ import annotations
 
@@ -31,3 +31,19 @@ def report_cmd(run_dir, out, top, model) -> None:
     start = time.perf_counter()
     path, size = write_report(run_dir, out, top, model)
     click.echo(f"report: {path} ({size / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s)")
+
+
+@click.command("audit")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@handle_errors
+def audit_cmd(run_dir, as_json) -> None:
+    """How the explanations of the run in RUN_DIR hold: per category and per family (or strategy),
+    failures checked, confirmed and specific (confirmed while the control did not fix), and the median
+    effect of the named intervention against that of its control."""
+    import json
+
+    from .audit import audit_run, format_audit
+
+    table = audit_run(run_dir)
+    click.echo(json.dumps(table, indent=2) if as_json else format_audit(table))

@@ -1,4 +1,4 @@
-"""`advsearch report` and `explain --html` (issue 8): content, size, CLI, and a real headless Chromium.
+"""`advsearch report` and `explain --html`: content, size, CLI, and a real headless Chromium.
 
 The browser test is skipped only when no Chromium is installed and CI is not set; CI installs
 Debian's `chromium` and must run it.

@@ -1,4 +1,4 @@
-"""Robustness regression suites (issue 6): suite build, regress, JUnit, assert_robust, compare, harden."""
+"""Robustness regression suites: suite build, regress, JUnit, assert_robust, compare, harden."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 from advsearch.errors import AdvsearchError
 from advsearch.model import load_model, read_state_dict
-from advsearch.suite import judge_last, pad_prefixes, read_suite
+from advsearch.suite import judge_last, read_run, read_suite
 from advsearch.evaluator import Evaluator
 from advsearch.testing import assert_robust, evaluate_suite
 
@@ -79,10 +79,10 @@ def test_build_dedupes_and_keeps_the_strongest(work, challenge):
     assert len(keys) == len(set(keys))
     ordered = sorted(all_seqs)
     spec = challenge.spec
-    v = judge_last(Evaluator(challenge.weights, "cpu"), spec, *pad_prefixes(spec, [spec.encode(x) for x in ordered]))
+    v = judge_last(Evaluator(challenge.weights, "cpu"), spec, [spec.encode(x) for x in ordered])
     best = defaultdict(float)
     for i, x in enumerate(ordered):
-        if not v.passed[i] and -float(v.true_margin[i]) >= 0.05:
+        if not v.passed[i] and float(v.margin[i]) >= 0.05:
             key = (category[x], spec.vocab[int(v.expected[i])], spec.vocab[int(v.pred[i])])
             best[key] = max(best[key], float(v.p_pred[i]))
     assert set(best) == set(keys)
@@ -211,20 +211,29 @@ def test_compare_side_by_side(work, challenge_path):
     one_line_error(invoke("compare", challenge_path))
 
 
-def test_harden_tiny_fine_tune_writes_a_loadable_checkpoint(tmp_path, work, challenge_path):
+def test_harden_short_fine_tune_fixes_suite_failures(tmp_path, work, challenge_path, challenge):
     out = tmp_path / "hard.pt"
-    tiny = ["--suite", work["suite"], "--steps", 4, "--eval-every", 2, "--batch-size", 64, "--mine", "random",
-            "--mine-every", 2, "--mine-budget", 200, "--quiet"]  # fmt: skip
-    result = ok(invoke("harden", "--model", challenge_path, "--out", out, *tiny))
+    short = ["--suite", work["suite"], "--steps", 10, "--eval-every", 5, "--batch-size", 256, "--lr", 1e-4,
+             "--mine", "random", "--mine-every", 5, "--mine-budget", 200, "--quiet"]  # fmt: skip
+    result = ok(invoke("harden", "--model", challenge_path, "--out", out, *short))
     assert "regress before" in result.output and "regress after" in result.output
     hardened = load_model(out)  # validated against the spec and processed like any checkpoint
     side = json.loads(Path(str(out) + ".json").read_text())
     assert side["spec"] == hardened.spec.to_dict()
-    assert side["recipe"]["kind"] == "harden" and side["recipe"]["steps"] == 4
+    assert side["recipe"]["kind"] == "harden" and side["recipe"]["steps"] == 10
     assert side["recipe"]["mine"] == ["random"] and side["history"][-1]["pool"] >= side["recipe"]["failure_prefixes"]
     assert side["after"]["val_accuracy"] >= side["before"]["val_accuracy"]
+    # it trained: the saved weights are not the base checkpoint's ...
+    base, saved = read_state_dict(challenge_path), read_state_dict(out)
+    assert side["selected_step"] > 0 and any(not torch.equal(base[k], saved[k]) for k in base)
+    # ... and the hardened model answers more of the suite's failure entries than the base does
+    suite = read_suite(work["suite"])
+    failures = [e for e in suite.entries if e.kind == "failure"]
+    base_fixed, hardened_fixed = (sum(r.passed for r in evaluate_suite(m, suite).results if r.entry.kind == "failure")
+                                  for m in (challenge, hardened))  # fmt: skip
+    assert failures and base_fixed == 0 and hardened_fixed > 0, (base_fixed, hardened_fixed)
     again = tmp_path / "again.pt"  # seeded: the same inputs give the same weights
-    ok(invoke("harden", "--model", challenge_path, "--out", again, *tiny))
+    ok(invoke("harden", "--model", challenge_path, "--out", again, *short))
     a, b = read_state_dict(out), read_state_dict(again)
     assert all(torch.equal(a[k], b[k]) for k in a)
     one_line_error(invoke("harden", "--model", challenge_path, "--suite", tmp_path / "none.csv", "--out", out))
