@@ -249,13 +249,13 @@ def read_cached_weights(key: dict, spec: ModelSpec) -> Weights | None:
     A file that does not load as plain tensors, records another key, lacks a tensor, has a
     wrong shape or dtype, or holds non-finite values is not trusted (the caller rebuilds it).
     """
-    path = cache_path(key)
     try:
+        path = cache_path(key)  # RuntimeError when there is no home folder to put it in
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         return None
     except Exception as e:  # unreadable or corrupt: rebuild
-        log.debug("ignoring weights cache %s: %s", path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        log.debug("ignoring the weights cache: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
     if not _trusted(payload, key, spec):
         log.debug("ignoring weights cache %s: its key or tensors do not match", path)
@@ -281,17 +281,17 @@ def _trusted(payload, key: dict, spec: ModelSpec) -> bool:
 
 def write_cached_weights(key: dict, weights: Weights) -> None:
     """Store `weights` under `key` atomically (temp file + rename); skip quietly if the folder is unwritable."""
-    path = cache_path(key)
     payload = {"key": key, "eps": weights.eps, "weights": {n: getattr(weights, n).contiguous() for n in WEIGHT_NAMES}}
     tmp = None
     try:
+        path = cache_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # unwritable folder, full disk: run without the cache
-        log.debug("not caching weights in %s: %s", path.parent, e)
+    except (OSError, RuntimeError) as e:  # no home, unwritable folder, full disk: run without the cache
+        log.debug("not caching the processed weights: %s", e)
         if tmp is not None:
             try:
                 os.unlink(tmp)

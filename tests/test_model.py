@@ -159,6 +159,17 @@ def test_unwritable_cache_and_no_cache_are_bypassed(tmp_path, monkeypatch, chall
     assert not load_model(challenge_path).bridge_built
 
 
+def test_no_home_folder_means_no_cache(monkeypatch, challenge_path, challenge):
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("ADVSEARCH_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    loaded = load_model(challenge_path)
+    assert loaded.bridge_built and _weights_equal(loaded.weights, challenge.weights)
+
+
 def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("ADVSEARCH_CACHE_DIR")
