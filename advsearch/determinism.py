@@ -6,7 +6,7 @@ with it the order in which each dot product is summed, from the matrix shapes
 CPU: a [M, 42] @ [42, 126] product for M in 5-11 (except 8) differs in the last
 bits between 1 and 2 threads, while M = 1-4, 8 and >= 12 do not. The
 prefix-sharing census multiplies exactly such small matrices (one new token for
-each of 10 letters), so its logits moved by up to 1.6e-4 with the thread count,
+each of 10 letters), so its logits moved by up to 1.8e-4 with the thread count,
 and a run on 2 threads differed from the same run on Ray (whose tasks use one
 thread) in the 6th significant digit of probabilities.
 
