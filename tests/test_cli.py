@@ -179,3 +179,14 @@ def test_version_and_help():
     assert invoke("--version").output.startswith("advsearch, version")
     for cmd in ("run", "eval", "bench", "train"):
         assert invoke(cmd, "--help").exit_code == 0
+
+
+def test_ci_script_exports_ci_and_runs_exactly_the_readme_test_command():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme_blocks = (root / "README.md").read_text().split("```bash\n")[1:]
+    test_command = next(b.split("\n```")[0].strip() for b in readme_blocks if "pytest" in b)
+    lines = [line.strip() for line in (root / ".ci/run").read_text().splitlines() if line.strip()]
+    assert lines[-1] == test_command
+    assert "export CI=true" in lines[: lines.index(test_command)]  # set before the tests run, so nothing skips
