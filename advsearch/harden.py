@@ -147,9 +147,10 @@ def strategy_config(loaded, strategy: str, budget: int, seed: int):
 def mine(model: RawTransformer, strategy: str, budget: int, seed: int, min_confidence: float = 0.5) -> list[str]:
     """Confidently failing prefixes that search `strategy` finds against the (in-training) model.
 
-    Drives any strategy of `strategies/` through its propose/observe interface on the processed
-    current weights (as `advsearch run` would, without writing files); strategies that need the
-    mechanism tables (guided) get the current model's own."""
+    Runs any strategy of `strategies/` on the processed current weights through the search loop's
+    own steps (`runner.local_steps`: propose, evaluate, judge, observe), without writing files, in
+    the order the steps find them (a prefix may repeat); strategies that need the mechanism tables
+    (guided) get the current model's own."""
     from strategies import make_strategy
 
     from .evaluator import Evaluator
