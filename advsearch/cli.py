@@ -9,7 +9,7 @@ import click
 
 from . import __version__
 from .cli_mechanism import explain_cmd, mechanism_cmd
-from .cli_report import report_cmd
+from .cli_report import audit_cmd, report_cmd
 from .cli_suite import compare, harden, regress, suite
 from .cliutil import device_option, handle_errors, model_option
 from .determinism import eval_threads
@@ -273,6 +273,7 @@ def train(epochs, seed, out) -> None:
 main.add_command(mechanism_cmd)
 main.add_command(explain_cmd)
 main.add_command(report_cmd)
+main.add_command(audit_cmd)
 for command in (suite, regress, compare, harden):
     main.add_command(command)
 

@@ -1,95 +1,60 @@
-"""Per-failure explanations: attribution, structure, a category, and a causal check (issue 3).
+"""Per-failure explanations: structure in the loaded model's terms, attribution, and a
+controlled causal check.
 
-For a failing position k of a prefix (truth t*, prediction p) an `Explanation` holds:
+For a failing position k (truth t*, prediction p) an `Explanation` holds:
 
-Attribution (from one `run_with_cache` of the TransformerLens bridge)
-    Direct logit attribution at k for t* and p per *component* (`embed` = token +
-    positional embedding, the heads `0.0` … `1.2`, `bias` = b_U plus every b_O
-    term) and per *path* `src->dst` with src ∈ {embed, 0.0, 0.1, 0.2} and
-    dst ∈ {logits, 1.0, 1.1, 1.2}: `0.1->1.2` is what head 0.1 writes, read by
-    head 1.2's values (with 1.2's attention pattern and LayerNorm scales frozen
-    at their cached values), then unembedded. The paths and `bias` add up to
-    the logits exactly (float error aside). `deciding_path` is the path with the
-    largest contribution to the logit gap logit(p) − logit(t*).
+Structure (from the prefix and the loaded checkpoint's `MechanismTables`)
+    Duplicated, unique and absent letters; the layer-1 heads responsible for t*
+    and p, r(t*) and r(p); the *load* on r(t*) (the duplicated letters of its
+    responsibility set, which it must push down while it lifts t*); and the
+    *detectors*: for each duplicate that matters (p when it is duplicated, the
+    load letters), every layer-0 head's attention from the latest copy to the
+    earlier ones, against that head's entry for the letter in the tables. A head
+    *flagged* the duplicate when that attention reaches the tables' duplicate
+    threshold, and *missed* it when the tables call it a detector of that letter
+    but it stayed below.
 
-Structure
-    Duplicated and unique letters of the prefix, the responsible L1 heads r(t*)
-    and r(p) (from `MechanismTables`), and the load on r(t*): the number of
-    distinct duplicated letters of r(t*)'s responsibility set in the prefix, and
-    the attention mass r(t*) puts at k on the positions holding them. When t* is
-    `?` (no unique letter) the load is that on r(p), the head that should have
-    suppressed p. The *distraction* is the attention mass r(p) puts at k on
-    letters of other heads' sets (t* and p aside); the *self-attention* is the
-    mass r(t*) puts at k on t* itself.
-
-Taxonomy (first matching rule wins; decided from structure and attention)
-    qmark_expected             t* = ?, p a duplicated letter: p was not pushed
-                               below `?`.
-    absent_letter_predicted    t* = ?, p a letter absent from the prefix.
+Category (first matching rule; only the prefix and the responsibility sets decide)
+    qmark_expected             t* = ?, p occurs more than once.
+    absent_letter_predicted    t* = ?, p does not occur.
     unique_missed_qmark        t* an earlier unique letter, p = ?.
-    first_instance_missed      t* is the letter at k itself, its first instance
-                               (every earlier letter is duplicated).
-    duplicate_not_suppressed   p is duplicated in the prefix, t* is a unique letter.
+    first_instance_missed      t* is the letter at k itself, its first instance.
+    duplicate_not_suppressed   t* a letter, p occurs more than once.
     overloaded_head            t* earlier unique, p a later unique letter of another
-                               head's set, duplicated letters of r(t*)'s set precede
-                               k (the load), and r(p) spends at least `OVERLOAD_MASS`
-                               (0.5) of its attention at k on other heads' letters.
-    later_unique_preferred     t* earlier unique, p a later unique letter, not
-                               overloaded: the earliness signal did not separate
-                               t* from the (usually adjacent) later p.
-    set_mate_predicted         t* unique, p a letter of the same head's set absent
-                               from the prefix.
-    other                      none of the above (e.g. an absent letter of another
-                               head's set predicted although a unique letter exists).
-    correct                    not a failure (the bridge predicts the truth).
+                               head's set, and r(t*) carries a load.
+    later_unique_preferred     t* earlier unique, p a later unique letter otherwise.
+    set_mate_predicted         t* a letter, p an absent letter of r(t*)'s set.
+    other                      t* a letter, p an absent letter of another set.
 
-What the weights say about layer 1 (`advsearch mechanism` prints the composed OV
-diagonals): a layer-1 head that attends to a letter of its own set pushes that
-letter *down* (large negative diagonal) and its set-mates up; attending to letters
-of other heads' sets pushes its own letters up and `?` down. So the responsible
-head does not "boost" t* by attending to it (making r(t*) attend only to t* fixes
-1 in 2,400 failures, and removing r(t*)'s attention to the load fixes under 1%).
-Two attention measures decide most failures, and each explanation records both:
-r(p)'s *distraction* (attention on other heads' letters, which lifts p) and
-r(t*)'s *self-attention* (attention on t* itself, which suppresses t*).
+Attribution (linear, from one clean run; `advsearch.paths`)
+    Each path src->dst (src: embed, 0.h; dst: logits, 1.j), each layer-0 head and
+    each layer-1 head's output, credited with its contribution to each logit
+    relative to its mean. `deciding_path` is the path credited with most of the
+    gap logit(p) − logit(t*).
 
-Causal checks (one intervention per explanation; run batched, judged by the model)
-    refocus        (qmark_expected, absent_letter_predicted, duplicate_not_suppressed,
-                   overloaded_head) on the unchanged prefix, set r(p)'s attention at
-                   k on letters of other heads' sets (t* and p aside) to zero and
-                   renormalise the rest (a `hook_pattern` edit on the bridge; the
-                   logits are recomputed): if r(p)'s distraction is what lifted p,
-                   the model now answers t*.
-    unfocus        (unique_missed_qmark, first_instance_missed, set_mate_predicted)
-                   the same kind of edit on r(t*), removing its attention at k on
-                   t*'s position(s): if r(t*) suppressing t* is what lost it, the
-                   model now answers t*.
-    separate       (later_unique_preferred) move p later: swap it with the last
-                   later position that holds a duplicated letter (else with the
-                   last position), so no other unique letter takes its place next
-                   to t*; if p is last, move t* to position 1 instead (swapping it
-                   with the duplicated letter there). Letters before t* stay
-                   duplicated, so the answer is still t*; the explanation says
-                   only the small distance between t* and p made p win → correct.
-    A check is `confirmed` when the model answers the truth after the
-    intervention, `refuted` when it still fails, `none` when no such intervention
-    exists (e.g. r(p) attends to no other head's letter). Every check runs the model
-    and can come out either way; `check_detail` names it.
+Causal check (measured; `advsearch.paths.PathModel.run`)
+    The explanation names the smallest set of components whose mean ablation
+    makes the model answer t*, found by search over measured effects: every
+    single component (16 paths, 6 heads), then pairs and triples of the
+    components with the largest measured effects. At equal size a path is named
+    before a head (it says more), and among those that fix the failure the one
+    with the largest effect. `check` is `confirmed` when such a set exists,
+    `refuted` when none of up to `MAX_SET` components does (the named set is then
+    the best triple found), `none` for a correct position.
 
-    Measured on the challenge checkpoint, random sequences (20k, seed 0; seeds 1
-    and 2 give 90.7% and 92.4%): 99.9% of failures categorised, 90.3% of those
-    confirmed. Read a confirmation with its baselines, since failures are
-    knife-edge (most logit gaps are below 1): a random relabelling of a–j fixes
-    ~88% of failures, while the same attention edit on the layer-1 head the
-    explanation does not name (the control, tests/test_explain.py, 10k sequences)
-    fixes 20% of qmark_expected failures (named head: 94%), 30% of
-    duplicate_not_suppressed (88%), 47% of overloaded_head (92%), 6% of
-    unique_missed_qmark (96%) and 16% of first_instance_missed (65%); on 20k
-    sequences it fixes 83% of absent_letter_predicted (89%: weak evidence there).
-    Guided runs (4k, challenge): 97% categorised, 67% confirmed. Their
-    qmark_expected failures (every letter duplicated, all from one head's set) have
-    no other head's letter to remove (`none`), and no single-head edit we tried
-    flips them: mean-ablating any one head fixes at most 58 of 1,841.
+    Because the named set is found by search, `confirmed` alone says only that a
+    few components suffice. The evidence is the *control*: the same number of
+    ablations of the same kind — for each named path, the path into the same
+    destination from another source; for each named head, another head of the
+    same layer — chosen, among those the explanation does not name, as the one
+    closest in size to the named component (the norm of its deviation from its
+    mean, which is what mean ablation removes). The control does not look at the
+    failure's logits, so it can come out either way. `control` is `fixed` or
+    `not_fixed` (`none` when every sibling is named). A confirmation is
+    *specific* when the control is `not_fixed`.
+
+    `effect` and `control_effect` are the changes of logit(t*) − logit(p) under
+    the two interventions (positive: towards the truth).
 """
 
 from __future__ import annotations
@@ -97,17 +62,18 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
+from itertools import combinations
 
 import torch
 
 from .errors import AdvsearchError
-from .mechanism import MechanismTables, compute_tables
+from .mechanism import MechanismTables, compute_tables, reference_batch
 from .oracle import first_unique
+from .paths import PathModel
 
-OVERLOAD_MASS = 0.5
+MAX_SET = 4  # the largest component set the search tries
+PAIR_POOL = 6  # pairs and triples are drawn from this many paths (and all heads) with the largest effects
 
-REFOCUS = ("qmark_expected", "absent_letter_predicted", "duplicate_not_suppressed", "overloaded_head")
-UNFOCUS = ("unique_missed_qmark", "first_instance_missed", "set_mate_predicted")
 CATEGORIES = (
     "qmark_expected",
     "absent_letter_predicted",
@@ -121,11 +87,61 @@ CATEGORIES = (
     "correct",
 )
 CHECK_RESULTS = ("confirmed", "refuted", "none")
-CSV_COLUMNS = ("category", "resp_head_true", "resp_head_pred", "load", "deciding_path", "check")
+CONTROL_RESULTS = ("fixed", "not_fixed", "none")
+CSV_COLUMNS = ("category", "resp_head_true", "resp_head_pred", "load", "detectors", "deciding_path",
+               "components", "check", "control", "effect", "control_effect")  # fmt: skip
 
 
 def _head(h: int | None) -> str:
     return "" if h is None else f"1.{h}"
+
+
+class Components:
+    """The ablatable components of a 2-layer model with `n_heads` heads per layer.
+
+    Index order: the paths src->dst (src-major: embed, 0.0, ...; dst: logits, 1.0, ...), then the
+    layer-0 heads, then the layer-1 heads. `masks` turns sets of indices into the keep masks
+    `PathModel.ablate` takes; `siblings` says which components are of the same kind.
+    """
+
+    def __init__(self, n_heads: int):
+        self.n_heads = H = n_heads
+        self.sources = ["embed"] + [f"0.{h}" for h in range(H)]
+        self.dests = ["logits"] + [f"1.{h}" for h in range(H)]
+        self.n_paths = P = len(self.sources) * len(self.dests)
+        self.names = [f"{s}->{d}" for s in self.sources for d in self.dests]
+        self.names += [f"0.{h}" for h in range(H)] + [f"1.{h}" for h in range(H)]
+        S, D = len(self.sources), len(self.dests)
+        keep = torch.ones(len(self.names), S, D, dtype=torch.bool)
+        keep_out = torch.ones(len(self.names), H, dtype=torch.bool)
+        for c in range(P):
+            keep[c, c // D, c % D] = False
+        for h in range(H):
+            keep[P + h, 1 + h] = False
+            keep_out[P + H + h, h] = False
+        self.single_keep, self.single_keep_out = keep, keep_out  # one mask per component
+        self.path_mask = torch.arange(len(self.names)) < P
+
+    def is_path(self, c: int) -> bool:
+        return c < self.n_paths
+
+    def siblings(self, c: int) -> list[int]:
+        """Components of the same kind as c: paths into the same destination, heads of the same layer."""
+        D, P, H = len(self.dests), self.n_paths, self.n_heads
+        if c < P:
+            return [s * D + c % D for s in range(len(self.sources)) if s * D + c % D != c]
+        first = P if c < P + H else P + H
+        return [x for x in range(first, first + H) if x != c]
+
+    def masks(self, sets: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep masks [N, S, D] and [N, H] that mean-ablate each set of components."""
+        keep = torch.ones((len(sets), *self.single_keep.shape[1:]), dtype=torch.bool)
+        keep_out = torch.ones((len(sets), self.n_heads), dtype=torch.bool)
+        for i, cs in enumerate(sets):
+            for c in cs:
+                keep[i] &= self.single_keep[c]
+                keep_out[i] &= self.single_keep_out[c]
+        return keep, keep_out
 
 
 @dataclass
@@ -137,38 +153,36 @@ class Explanation:
     true: str
     predicted: str
     category: str
-    resp_head_true: int | None  # L1 head index, None for `?`
+    reason: str
+    resp_head_true: int | None  # layer-1 head index, None for `?`
     resp_head_pred: int | None
-    load: int
-    load_head: int | None
-    load_mass: float
-    distraction: float  # r(p)'s attention at k on other heads' letters
-    self_attention: float  # r(t*)'s attention at k on t* itself
-    deciding_path: str
+    load: int  # duplicated letters of r(t*)'s set
+    load_letters: list[str]
+    detectors: str  # layer-0 heads that flagged or missed the duplicates that matter
+    components: list[str]  # the named component set
+    story: str  # the named components in the tables' terms
     check: str  # confirmed / refuted / none
-    check_detail: str
+    control: str  # fixed / not_fixed / none
+    control_components: list[str]
+    effect: float  # change of logit(t*) - logit(p) under the named ablation
+    control_effect: float
+    deciding_path: str
     logit_true: float
     logit_pred: float
-    components: dict[str, dict[str, float]]  # name -> {"true": dla, "pred": dla}
-    paths: dict[str, dict[str, float]]  # "src->dst" (and "bias") -> {"true", "pred"}
+    paths: dict[str, dict[str, float]]  # "src->dst" -> {"true", "pred"}: attribution relative to the mean
+    heads: dict[str, dict[str, float]]  # "0.h" / "1.j" -> {"true", "pred"}
     duplicated: list[str]
     unique: list[str]
     absent: list[str]
-    reason: str
-    check_sequence: str = ""
-    check_expected: str = ""
-    check_predicted: str = ""
     extra: dict = field(default_factory=dict)
-
-    @property
-    def check_ran(self) -> str:
-        """What the check ran the model on."""
-        edited = self.extra.get("check_kind") in ("refocus", "unfocus")
-        return f"{self.check_sequence} with the attention edit" if edited else self.check_sequence
 
     @property
     def margin(self) -> float:
         return self.logit_pred - self.logit_true
+
+    @property
+    def specific(self) -> bool:
+        return self.check == "confirmed" and self.control == "not_fixed"
 
     def columns(self) -> dict[str, str | int | float]:
         """The explanation columns of failures.csv."""
@@ -177,16 +191,21 @@ class Explanation:
             "resp_head_true": _head(self.resp_head_true),
             "resp_head_pred": _head(self.resp_head_pred),
             "load": self.load,
+            "detectors": self.detectors,
             "deciding_path": self.deciding_path,
+            "components": "+".join(self.components),
             "check": self.check,
+            "control": self.control,
+            "effect": round(self.effect, 4),
+            "control_effect": round(self.control_effect, 4),
         }
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["margin"] = self.margin
+        d["specific"] = self.specific
         d["resp_head_true"] = _head(self.resp_head_true) or None
         d["resp_head_pred"] = _head(self.resp_head_pred) or None
-        d["load_head"] = _head(self.load_head) or None
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -194,6 +213,8 @@ class Explanation:
 
     def format_text(self) -> str:
         s, k = self.sequence, self.position
+        named = "+".join(self.components) or "-"
+        control = "+".join(self.control_components) or "-"
         lines = [
             f"{s[: k + 1]}  position {k} ('{s[k]}'): true {self.true!r}, predicted {self.predicted!r} "
             f"(logits {self.logit_true:.2f} vs {self.logit_pred:.2f}, gap {self.margin:+.2f})",
@@ -201,124 +222,48 @@ class Explanation:
             f"  structure  duplicated [{''.join(self.duplicated) or '-'}]  unique [{''.join(self.unique) or '-'}]  "
             f"absent [{''.join(self.absent) or '-'}]",
             f"             r(true)={_head(self.resp_head_true) or '-'}  r(pred)={_head(self.resp_head_pred) or '-'}  "
-            f"load on {_head(self.load_head) or '-'}: {self.load} duplicated letter(s), "
-            f"attention mass {self.load_mass:.2f}",
-            f"             r(pred)'s distraction {self.distraction:.2f}  r(true)'s self-attention {self.self_attention:.2f}",
-            f"  check      {self.check}: {self.check_detail}",
+            f"load on r(true): {self.load} [{''.join(self.load_letters) or '-'}]",
+            f"  detectors  {self.detectors or '-'}",
+            f"  check      {self.check}: ablating {named} (to its mean) moves logit(true)-logit(pred) by "
+            f"{self.effect:+.2f}",
+            f"             {self.story}",
+            f"  control    {self.control}: ablating {control} (same kind, like-sized, not named) moves it by "
+            f"{self.control_effect:+.2f}" + ("  => specific" if self.specific else ""),
+            f"  attribution relative to the mean (pred-true; deciding path {self.deciding_path or '-'}):",
         ]
-        if self.check_sequence:
-            lines.append(f"             ran {self.check_ran}: expected {self.check_expected!r}, model says {self.check_predicted!r}")
-        lines.append("  direct logit attribution at k (true / pred / pred-true):")
-        for name, v in self.components.items():
-            lines.append(f"    {name:<7} {v['true']:8.2f} {v['pred']:8.2f} {v['pred'] - v['true']:+8.2f}")
-        lines.append(f"  paths (gap contribution pred-true; deciding path {self.deciding_path}):")
-        srcs = ["embed", "0.0", "0.1", "0.2"]
-        dsts = ["logits", "1.0", "1.1", "1.2"]
-        present_srcs = [x for x in srcs if any(f"{x}->{d}" in self.paths for d in dsts)]
-        present_dsts = [d for d in dsts if any(f"{x}->{d}" in self.paths for x in srcs)]
-        lines.append("    " + " " * 7 + "".join(f"{d:>9}" for d in present_dsts))
-        for x in present_srcs:
-            row = "".join(
-                f"{self.paths[f'{x}->{d}']['pred'] - self.paths[f'{x}->{d}']['true']:+9.2f}" for d in present_dsts
-            )
+        srcs = list(dict.fromkeys(n.split("->")[0] for n in self.paths))
+        dsts = list(dict.fromkeys(n.split("->")[1] for n in self.paths))
+        lines.append("    " + " " * 7 + "".join(f"{d:>9}" for d in dsts))
+        for x in srcs:
+            row = "".join(f"{self.paths[f'{x}->{d}']['pred'] - self.paths[f'{x}->{d}']['true']:+9.2f}" for d in dsts)
             lines.append(f"    {x:<7}{row}")
-        if "bias" in self.paths:
-            b = self.paths["bias"]
-            lines.append(f"    {'bias':<7}{b['pred'] - b['true']:+9.2f}")
+        heads = "  ".join(f"{h} {v['pred'] - v['true']:+.2f}" for h, v in self.heads.items())
+        lines.append(f"    heads  {heads}")
         return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------
-# batched attribution
-# --------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def _attribute(model, toks: torch.Tensor) -> dict:
-    """Attribution at the last position of each row of `toks` [B, L] (one bridge call)."""
-    bridge, w, spec = model.bridge, model.weights, model.spec
-    H = spec.n_heads
-    B, L = toks.shape
-    k = L - 1
-    wanted = {"hook_embed", "hook_pos_embed", "blocks.1.ln1.hook_scale", "ln_final.hook_scale",
-              "blocks.0.attn.hook_pattern", "blocks.1.attn.hook_pattern"}  # fmt: skip
-    logits, cache = bridge.run_with_cache(
-        toks, names_filter=lambda n: n in wanted or n.endswith(("hook_z", "hook_scale"))
-    )
-    res = cache.stack_head_results(layer=-1, pos_slice=None)  # [2H, B, L, d]
-    emb = cache["hook_embed"] + cache["hook_pos_embed"]
-    s1 = cache["blocks.1.ln1.hook_scale"]  # [B, L, 1]
-    sf = cache["ln_final.hook_scale"][:, k]  # [B, 1]
-    A1 = cache["blocks.1.attn.hook_pattern"][:, :, k, :]  # [B, H, L]
-
-    def centre(x):
-        return x - x.mean(-1, keepdim=True)
-
-    U = w.W_U
-    # sources: embed, each L0 head, L0 bias (b_O[0]); [S, B, L, d]
-    X = torch.stack([emb] + [res[h] for h in range(H)] + [w.b_O[0].expand_as(emb)])
-    X = centre(X)
-    paths = torch.empty(B, X.shape[0], 1 + H, U.shape[1])
-    direct = X[:, :, k].clone()  # straight to the logits; the bias row also carries layer 1's b_O
-    direct[-1] = direct[-1] + centre(w.b_O[1])
-    paths[:, :, 0] = (direct.transpose(0, 1) / sf[:, None]) @ U
-    # through layer 1: each L1 head's values read the sources with its cached pattern and ln1 scale
-    pooled = torch.einsum("bjl,sbld->bsjd", A1, X / s1)  # [B, S, H, d]
-    OV = w.W_V[1] @ w.W_O[1]  # [H, d, d]
-    out = centre(torch.einsum("bsjd,jde->bsje", pooled, OV))
-    paths[:, :, 1:] = (out / sf[:, None, None]) @ U
-    return {"logits": logits[:, k].float(), "paths": paths, "b_U": w.b_U, "A1": A1}
-
-
-
-def _path_names(n_heads: int) -> tuple[list[str], list[str]]:
-    srcs = ["embed"] + [f"0.{h}" for h in range(n_heads)]
-    dsts = ["logits"] + [f"1.{h}" for h in range(n_heads)]
-    return srcs, dsts
-
-
-# --------------------------------------------------------------------------------------------
-# structure, category, intervention
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Plan:
-    kind: str  # refocus / unfocus / separate / none
-    detail: str
-    seq: tuple[int, ...] | None = None
-    head: int | None = None  # refocus/unfocus: the L1 head whose attention row at k becomes `pattern`
-    pattern: torch.Tensor | None = None
-
-
 class Explainer:
-    """Explains failures of one model; `tables` default to `compute_tables(model)`."""
+    """Explains failures of one model, batched on the path forward (`advsearch.paths`).
 
-    def __init__(self, model, tables: MechanismTables | None = None):
+    `tables` default to `compute_tables(model)`; `device` is where the path forward runs.
+    """
+
+    columns = CSV_COLUMNS  # what `Explanation.columns()` fills in failures.csv
+
+    def __init__(self, model, tables: MechanismTables | None = None, device: str | torch.device = "cpu"):
         if model.spec.n_layers != 2:
             raise AdvsearchError(f"explanations need a 2-layer model; this one has {model.spec.n_layers} layers")
-        self.model = model
         self.spec = model.spec
         self.tables = tables if tables is not None else compute_tables(model)
-        self.R = list(self.tables.responsible_head)
-        self.sets = self.tables.responsibility_sets
+        self.paths = PathModel(model.weights, reference_batch(model.spec), device)
+        self.comp = Components(model.spec.n_heads)
         self.q = self.spec.qmark
-        self._fused = None
 
-    def _evaluator(self):
-        """The fused CPU forward (same logits as the bridge to ~1e-5) for the intervened prefixes."""
-        if self._fused is None:
-            from .evaluator import Evaluator
-
-            self._fused = Evaluator(self.model.weights, device="cpu")
-        return self._fused
-
-    # ---- public API ---------------------------------------------------------------------
     def explain(self, tokens: torch.Tensor, pos: int) -> Explanation:
         return self.explain_many([(tokens, pos)])[0]
 
-    def explain_many(self, items: list[tuple[torch.Tensor, int]], batch_size: int = 4096) -> list[Explanation]:
-        """Explain many (tokens, position) pairs; bridge calls are batched by prefix length."""
+    def explain_many(self, items: list[tuple[torch.Tensor, int]], batch_size: int = 1024) -> list[Explanation]:
+        """Explain many (tokens, position) pairs, batched by prefix length."""
         prefixes: list[tuple[int, ...]] = []
         for toks, pos in items:
             toks = torch.as_tensor(toks).flatten()
@@ -332,44 +277,140 @@ class Explainer:
         for i, p in enumerate(prefixes):
             groups[len(p)].append(i)
         out: list[Explanation | None] = [None] * len(prefixes)
-        pending: list[tuple[int, _Plan]] = []
-        for L, idxs in sorted(groups.items()):
+        for _, idxs in sorted(groups.items()):
             for start in range(0, len(idxs), batch_size):
                 chunk = idxs[start : start + batch_size]
-                toks = torch.tensor([prefixes[i] for i in chunk])
-                rows = self._rows(_attribute(self.model, toks), first_unique(toks, self.q)[:, -1])
-                for b, i in enumerate(chunk):
-                    ex, plan = self._build(prefixes[i], rows[b])
+                for i, ex in zip(chunk, self._explain_batch(torch.tensor([prefixes[i] for i in chunk]))):
                     out[i] = ex
-                    if plan.seq is not None:
-                        pending.append((i, plan))
-        self._run_checks(out, pending, batch_size)
         return out  # type: ignore[return-value]
 
-    # ---- internals ----------------------------------------------------------------------
-    @staticmethod
-    def _rows(att: dict, truth: torch.Tensor) -> list[dict]:
-        """Per-row plain-Python views of a batch's attribution, for the true and predicted token."""
-        logits, P = att["logits"], att["paths"]  # [B, V], [B, S+1, 1+H, V]
-        pred = logits.argmax(-1)
-        ar = torch.arange(len(truth))
-        bias_all = P[:, -1].sum(1) + att["b_U"]  # every bias term, [B, V]
-        bias_direct = P[:, -1, 0] + att["b_U"]
-        cols = {
-            "t": truth, "pr": pred,
-            "logit_t": logits[ar, truth], "logit_p": logits[ar, pred],
-            "P_t": P[ar, :-1, :, truth], "P_p": P[ar, :-1, :, pred],
-            "Pb_t": P[ar, -1, :, truth], "Pb_p": P[ar, -1, :, pred],
-            "bias_t": bias_all[ar, truth], "bias_p": bias_all[ar, pred],
-            "bdir_t": bias_direct[ar, truth], "bdir_p": bias_direct[ar, pred],
-        }  # fmt: skip
-        lists = {name: v.tolist() for name, v in cols.items()}
-        return [dict({n: lists[n][b] for n in lists}, A1=att["A1"][b]) for b in range(len(truth))]
+    # ---- the batch --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _explain_batch(self, toks: torch.Tensor) -> list[Explanation]:
+        comp, pm = self.comp, self.paths
+        B = len(toks)
+        ar = torch.arange(B)
+        clean = pm.run(toks)
+        att = pm.attribute(clean)
+        truth = first_unique(toks, self.q)[:, -1]
+        pred = clean.logits.argmax(-1).cpu()
+        logits = clean.logits.cpu()
+        gap = logits[ar, pred] - logits[ar, truth]  # > 0 for a failure
+        failing = (pred != truth).nonzero().flatten().tolist()
 
-    def _build(self, p: tuple[int, ...], row: dict) -> tuple[Explanation, _Plan]:
-        V, q, R, H = self.spec.vocab, self.q, self.R, self.spec.n_heads
-        k = len(p) - 1
-        t, pr = row["t"], row["pr"]
+        # search: every single component for every failing row, then pairs and triples where no smaller set fixes
+        named: dict[int, tuple[tuple[int, ...], float, bool]] = {}  # row -> (set, effect, fixed)
+        eff1 = torch.zeros(B, len(comp.names))
+        if failing:
+            rows = torch.tensor(failing)
+            n = len(comp.names)
+            e, f = self._ablate(clean, truth, pred, gap, rows.repeat_interleave(n),
+                                comp.single_keep.repeat(len(rows), 1, 1), comp.single_keep_out.repeat(len(rows), 1))
+            e, f = e.view(-1, n), f.view(-1, n)
+            eff1[rows] = e
+            # a fixing component if any, a path before a head, then the largest effect
+            best = (e + 1e4 * f + 1e3 * (f & comp.path_mask)).argmax(1)
+            at = torch.arange(len(rows))
+            for b, c, ev, fv in zip(failing, best.tolist(), e[at, best].tolist(), f[at, best].tolist()):
+                named[b] = ((c,), ev, fv)
+        for size in range(2, MAX_SET + 1):
+            todo = {b: self._candidates(eff1[b], size) for b in failing if not named[b][2]}
+            if not todo:
+                break
+            e, f = self._measure(clean, truth, pred, gap, todo)
+            for b, sets in todo.items():
+                best = self._best(sets, e[b], f[b])
+                if best[2] or size == MAX_SET:
+                    named[b] = best
+
+        # controls: like-sized siblings the explanation does not name
+        sizes = self._sizes(clean)
+        controls = {b: self._control(named[b][0], sizes[b]) for b in failing}
+        with_control = {b: [c] for b, c in controls.items() if c is not None}
+        ce, cf = self._measure(clean, truth, pred, gap, with_control) if with_control else ({}, {})
+
+        # attribution rows for the text
+        names = comp.names
+        allc = torch.cat([att["paths"].flatten(1, 2), att["heads0"], att["heads1"]], 1).cpu()  # [B, C, V]
+        at_t, at_p = allc[ar, :, truth].tolist(), allc[ar, :, pred].tolist()
+        l0 = clean.pattern0.cpu().numpy()
+        out = []
+        for b in range(B):
+            s_named, effect, fixed = named.get(b, ((), 0.0, False))
+            check = "none" if b not in named else ("confirmed" if fixed else "refuted")
+            ctrl = controls.get(b)
+            control = "none" if ctrl is None else ("fixed" if cf[b][0] else "not_fixed")
+            out.append(self._explanation(
+                toks[b].tolist(), int(truth[b]), int(pred[b]), float(logits[b, truth[b]]), float(logits[b, pred[b]]),
+                at_t[b], at_p[b], l0[b], s_named, check, effect, ctrl or (), control,
+                ce[b][0] if ctrl is not None else 0.0, names))  # fmt: skip
+        return out
+
+    def _ablate(self, clean, truth, pred, gap, rows, keep, keep_out) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per variant: the change of logit(t*) − logit(p) and whether the model then answers t*."""
+        logits = self.paths.ablate(clean, rows, keep, keep_out).cpu()
+        ar = torch.arange(len(rows))
+        t, p = truth[rows], pred[rows]
+        return gap[rows] - (logits[ar, p] - logits[ar, t]), logits.argmax(-1) == t
+
+    def _measure(self, clean, truth, pred, gap, sets: dict[int, list[tuple[int, ...]]]):
+        """`_ablate` for each row's list of component sets; per row, the lists of effects and fixes."""
+        rows = [b for b, ss in sets.items() for _ in ss]
+        keep, keep_out = self.comp.masks([s for ss in sets.values() for s in ss])
+        effect, fixed = self._ablate(clean, truth, pred, gap, torch.tensor(rows), keep, keep_out)
+        e: dict[int, list[float]] = defaultdict(list)
+        f: dict[int, list[bool]] = defaultdict(list)
+        for r, ev, fv in zip(rows, effect.tolist(), fixed.tolist()):
+            e[r].append(ev)
+            f[r].append(fv)
+        return e, f
+
+    def _best(self, sets, effects, fixed) -> tuple[tuple[int, ...], float, bool]:
+        """The set to name: a fixing one if any (paths before heads, then the largest effect), else the
+        one with the largest effect."""
+        def rank(i):
+            return (fixed[i], all(self.comp.is_path(c) for c in sets[i]), effects[i])
+
+        i = max(range(len(sets)), key=rank)
+        return sets[i], effects[i], fixed[i]
+
+    def _candidates(self, eff1: torch.Tensor, size: int) -> list[tuple[int, ...]]:
+        """Sets of `size` components: from the paths with the largest single effects, and from each layer's heads."""
+        P, H = self.comp.n_paths, self.comp.n_heads
+        top = sorted(eff1[:P].argsort(descending=True)[:PAIR_POOL].tolist())
+        sets = list(combinations(top, size))
+        for first in (P, P + H):
+            sets += list(combinations(range(first, first + H), size))
+        return sets
+
+    def _sizes(self, clean) -> torch.Tensor:
+        """How much each component's ablation removes: the norm of its deviation from its mean
+        ([B, C]; paths and layer-0 heads over the positions read, layer-1 heads at k)."""
+        pm, comp = self.paths, self.comp
+        L = clean.sources.shape[2]
+        dev = (clean.sources - pm.mean_sources[None, :, :L]).norm(dim=-1)  # [B, S, L]
+        rms = dev.pow(2).mean(-1).sqrt()  # [B, S]
+        at_k = dev[:, :, -1]
+        D = len(comp.dests)
+        paths = torch.stack([at_k] + [rms] * (D - 1), 2).flatten(1)  # [B, S*D]: direct paths read k only
+        out1 = (clean.out1 - pm.mean_out1[:, L - 1][None]).norm(dim=-1)  # [B, H]
+        return torch.cat([paths, rms[:, 1:], out1], 1).cpu()
+
+    def _control(self, named: tuple[int, ...], sizes: torch.Tensor) -> tuple[int, ...] | None:
+        """For each named component, the sibling closest in size that is neither named nor already used."""
+        chosen: list[int] = []
+        for c in named:
+            options = [x for x in self.comp.siblings(c) if x not in named and x not in chosen]
+            if not options:
+                return None
+            chosen.append(min(options, key=lambda x: abs(float(sizes[x] - sizes[c]))))
+        return tuple(chosen)
+
+    # ---- one explanation ----------------------------------------------------------------------
+    def _explanation(self, p, t, pr, logit_t, logit_p, at_t, at_p, l0, named, check, effect, control_set,
+                     control, control_effect, names) -> Explanation:  # fmt: skip
+        V, q, tab = self.spec.vocab, self.q, self.tables
+        R, sets = tab.responsible_head, tab.responsibility_sets
         counts = Counter(p[1:])
         order = list(dict.fromkeys(p[1:]))
         dup = [x for x in order if counts[x] >= 2]
@@ -377,189 +418,125 @@ class Explainer:
         absent = [x for x in range(q) if counts[x] == 0]
         rt = R[t] if t < q else None
         rp = R[pr] if pr < q else None
-        load_head = rt if rt is not None else rp
-        load_letters = [d for d in dup if load_head is not None and R[d] == load_head and d not in (t,)]
-        A1 = row["A1"]
-        load_mass = 0.0
-        if load_head is not None and load_letters:
-            mask = torch.tensor([x in load_letters for x in p])
-            load_mass = float(A1[load_head][mask].sum())
-        # r(p)'s attention at k on letters of other heads' sets (t* and p aside): its OV turns it into a boost
-        # for its own letters, p among them
-        foreign = torch.tensor([x != q and rp is not None and R[x] != rp and x not in (t, pr) for x in p])
-        distraction = float(A1[rp][foreign].sum()) if rp is not None else 0.0
-        # r(t*)'s attention at k on t* itself: its OV turns it into suppressing t* (and lifting its set-mates)
-        answer = torch.tensor([x == t and rt is not None for x in p])
-        self_attention = float(A1[rt][answer].sum()) if rt is not None else 0.0
-
-        # attribution tables
-        srcs, dsts = _path_names(H)
-        Pt, Pp = row["P_t"], row["P_p"]  # [source][destination]
-        paths: dict[str, dict[str, float]] = {}
-        for i, sname in enumerate(srcs):
-            for j, dname in enumerate(dsts):
-                paths[f"{sname}->{dname}"] = {"true": Pt[i][j], "pred": Pp[i][j]}
-        paths["bias"] = {"true": row["bias_t"], "pred": row["bias_p"]}
-        components: dict[str, dict[str, float]] = {}
-        for i, sname in enumerate(srcs):
-            components[sname] = {"true": Pt[i][0], "pred": Pp[i][0]}
-        Bt, Bp = row["Pb_t"], row["Pb_p"]  # b_O[0] read through each L1 head ([0] = straight to logits)
-        for j in range(H):  # a head's whole output, including b_O of layer 0 read through its values
-            components[f"1.{j}"] = {"true": sum(Pt[i][1 + j] for i in range(len(srcs))) + Bt[1 + j],
-                                    "pred": sum(Pp[i][1 + j] for i in range(len(srcs))) + Bp[1 + j]}
-        components["bias"] = {"true": row["bdir_t"], "pred": row["bdir_p"]}
-        gap = {n: v["pred"] - v["true"] for n, v in paths.items() if n != "bias"}
-        deciding = max(gap, key=gap.get) if pr != t else ""
-
-        cat, reason = self._categorise(p, t, pr, counts, load_letters, foreign, distraction, self_attention)
-        if cat in REFOCUS:
-            plan = self._drop(p, rp, A1[rp], foreign, "refocus", "other heads' letters")
-        elif cat in UNFOCUS:
-            plan = self._drop(p, rt, A1[rt], answer, "unfocus", f"the answer {V[t]!r}")
-        elif cat == "later_unique_preferred":
-            plan = self._separate(p, t, pr, counts)
-        else:
-            plan = _Plan("none", "no check for this category")
-        L = lambda xs: [V[x] for x in xs]  # noqa: E731
-        ex = Explanation(
+        load_letters = [x for x in dup if rt is not None and R[x] == rt]
+        cat, reason = self._categorise(p, t, pr, counts, load_letters, rt, rp)
+        P = self.comp.n_paths
+        paths = {names[c]: {"true": at_t[c], "pred": at_p[c]} for c in range(P)}
+        heads = {names[c]: {"true": at_t[c], "pred": at_p[c]} for c in range(P, len(names))}
+        gaps = {n: v["pred"] - v["true"] for n, v in paths.items()}
+        matter = ([pr] if pr < q and counts[pr] >= 2 else []) + load_letters
+        if t == q and rp is not None:
+            matter += [x for x in dup if R[x] == rp]
+        return Explanation(
             sequence=self.spec.decode(p),
-            position=k,
+            position=len(p) - 1,
             true=V[t],
             predicted=V[pr],
             category=cat,
+            reason=reason,
             resp_head_true=rt,
             resp_head_pred=rp,
             load=len(load_letters),
-            load_head=load_head,
-            load_mass=load_mass,
-            distraction=distraction,
-            self_attention=self_attention,
-            deciding_path=deciding,
-            check="none",
-            check_detail=plan.detail,
-            logit_true=row["logit_t"],
-            logit_pred=row["logit_p"],
-            components=components,
+            load_letters=[V[x] for x in load_letters],
+            detectors=self._detectors(p, list(dict.fromkeys(matter))[:3], l0),
+            components=[names[c] for c in named],
+            story=self._story(named, t, pr, sets),
+            check=check,
+            control=control,
+            control_components=[names[c] for c in control_set],
+            effect=float(effect),
+            control_effect=float(control_effect),
+            deciding_path=max(gaps, key=gaps.get) if pr != t else "",
+            logit_true=logit_t,
+            logit_pred=logit_p,
             paths=paths,
-            duplicated=L(dup),
-            unique=L(uni),
-            absent=L(absent),
-            reason=reason,
-            extra={"load_letters": L(load_letters), "check_kind": plan.kind},
+            heads=heads,
+            duplicated=[V[x] for x in dup],
+            unique=[V[x] for x in uni],
+            absent=[V[x] for x in absent],
         )
-        return ex, plan
 
-    def _categorise(self, p, t, pr, counts, load_letters, foreign, distraction, self_attention) -> tuple[str, str]:
-        V, q, R = self.spec.vocab, self.q, self.R
+    def _categorise(self, p, t, pr, counts, load_letters, rt, rp) -> tuple[str, str]:
+        V, q = self.spec.vocab, self.q
         k = len(p) - 1
         if pr == t:
             return "correct", "the model predicts the truth here"
-        hp = _head(R[pr]) if pr < q else "-"
-        ht = _head(R[t]) if t < q else "-"
-        lured = (f"{hp} spends {distraction:.0%} of its attention at k on other heads' letters, which its OV "
-                 f"turns into a boost for its own {V[pr]!r}")  # fmt: skip
-        if pr < q and not foreign.any():
-            lured = f"no letter of another head's set occurs, so {hp}'s distraction cannot be what lifted {V[pr]!r}"
-        suppressed = (f"{ht} spends {self_attention:.0%} of its attention at k on {V[t]!r} itself, which its OV "
-                      f"turns into suppressing {V[t]!r}")  # fmt: skip
         if t == q:
             if counts[pr] >= 2:
-                return "qmark_expected", f"every letter is duplicated; {V[pr]!r} ({counts[pr]} copies) beat '?': {lured}"
-            return "absent_letter_predicted", f"every letter is duplicated and {V[pr]!r} does not occur, yet {lured}"
+                return "qmark_expected", f"every letter is duplicated, yet {V[pr]!r} ({counts[pr]} copies) beat '?'"
+            return "absent_letter_predicted", f"every letter is duplicated and {V[pr]!r}, which does not occur, beat '?'"
         if pr == q and p[k] != t:
-            return "unique_missed_qmark", f"{V[t]!r} (position {p.index(t)}) is unique but fell below '?': {suppressed}"
+            return "unique_missed_qmark", f"{V[t]!r} (position {p.index(t)}) is unique but fell below '?'"
         if p[k] == t and counts[t] == 1:
-            return "first_instance_missed", (
-                f"{V[t]!r} appears for the first time at the current position but lost to {V[pr]!r}: {suppressed}"
-            )
-        if pr < q and counts[pr] >= 2:
+            return "first_instance_missed", f"{V[t]!r} appears for the first time here but lost to {V[pr]!r}"
+        if counts[pr] >= 2:
             return "duplicate_not_suppressed", (
-                f"{V[pr]!r} occurs {counts[pr]} times but its responsible head {hp} did not suppress it below the "
-                f"unique {V[t]!r}: {lured}"
+                f"{V[pr]!r} occurs {counts[pr]} times but was not pushed below the unique {V[t]!r}"
             )
-        if pr < q and counts[pr] == 1 and t < q and p.index(pr) > p.index(t):
-            if load_letters and distraction >= OVERLOAD_MASS and R[t] != R[pr]:
+        if counts[pr] == 1:
+            if load_letters and rt != rp:
                 return "overloaded_head", (
-                    f"the duplicated letters {''.join(V[x] for x in load_letters)} of {ht}'s set (responsible for "
-                    f"{V[t]!r}) load the layer-1 heads: {lured}, so the later unique {V[pr]!r} wins"
+                    f"{_head(rt)}, responsible for {V[t]!r}, also carries the duplicated "
+                    f"{''.join(V[x] for x in load_letters)} of its set; the later unique {V[pr]!r} "
+                    f"({_head(rp)}'s set) wins"
                 )
             return "later_unique_preferred", (
-                f"{V[t]!r} (position {p.index(t)}) and the later unique {V[pr]!r} (position {p.index(pr)}) are "
-                f"not separated by the earliness signal; {hp} favours {V[pr]!r}"
+                f"{V[t]!r} (position {p.index(t)}) lost to the later unique {V[pr]!r} (position {p.index(pr)})"
             )
-        if pr < q and counts[pr] == 0 and t < q and R[pr] == R[t]:
-            return "set_mate_predicted", f"{suppressed} and lifting its set-mate {V[pr]!r}, absent from the prefix"
-        return "other", "fits no category of the taxonomy"
+        if rt == rp:
+            return "set_mate_predicted", f"{V[pr]!r}, absent, is a set-mate of the unique {V[t]!r} under {_head(rt)}"
+        return "other", f"{V[pr]!r}, absent and of another head's set, beat the unique {V[t]!r}"
 
-    def _drop(self, p, h, attention: torch.Tensor, drop: torch.Tensor, kind: str, what: str) -> _Plan:
-        """Head 1.h's attention at k without the positions in `drop`, renormalised (a refocus or unfocus check)."""
-        if not drop.any():
-            return _Plan("none", f"{_head(h)} has no attention on {what} to remove")
-        kept = attention * ~drop
-        letters = "".join(sorted({self.spec.vocab[x] for x, d in zip(p, drop.tolist()) if d}))
-        detail = f"{kind} {_head(h)}: drop its attention at k on {letters} ({float(attention[drop].sum()):.0%}) and renormalise"
-        return _Plan(kind, detail, p, h, kept / kept.sum())
+    def _detectors(self, p, letters: list[int], l0: torch.Tensor) -> str:
+        """For each duplicated letter, the layer-0 heads that flagged (attention from its latest copy to
+        the earlier ones at least the tables' threshold) or missed (a detector of it in the tables, below)."""
+        V, tab = self.spec.vocab, self.tables
+        thr, diag = tab.dup_threshold, tab.l0_diag
+        parts = []
+        for x in letters:
+            where = [i for i, y in enumerate(p) if y == x]
+            last, earlier = where[-1], where[:-1]
+            notes = []
+            for h, a in enumerate(l0[:, last, earlier].sum(-1).tolist()):
+                if a >= thr:
+                    notes.append(f"0.{h} flagged {a:.2f}")
+                elif diag[h][x] > thr:
+                    notes.append(f"0.{h} missed {a:.2f}")
+            parts.append(f"{V[x]}: " + (", ".join(notes) or "no head flagged"))
+        return "; ".join(parts)
 
-    def _separate(self, p, t, pr, counts) -> _Plan:
-        """Move p away from t* (or t* to the front), keeping the answer t*."""
-        V, k, s = self.spec.vocab, len(p) - 1, list(p)
-        ip, it = p.index(pr), p.index(t)
-        if ip != k:
-            # p goes to the last later position holding a duplicated letter (else to k), so that no
-            # other unique letter takes p's place next to t*
-            later_dup = [j for j in range(ip + 1, k + 1) if counts[p[j]] >= 2]
-            j = later_dup[-1] if later_dup else k
-            s[ip], s[j] = s[j], s[ip]
-            return _Plan("separate", f"move {V[pr]!r} from position {ip} to {j} (swap with {V[p[j]]!r})", tuple(s))
-        if it != 1:
-            s[it], s[1] = s[1], s[it]
-            return _Plan("separate", f"move {V[t]!r} from position {it} to 1 (swap with {V[p[1]]!r})", tuple(s))
-        return _Plan("none", "t* and p cannot be moved further apart")
+    def _story(self, named: tuple[int, ...], t: int, pr: int, sets: list[list[int]]) -> str:
+        """The named components in the tables' terms."""
+        V, comp, tab = self.spec.vocab, self.comp, self.tables
+        P, H, D = comp.n_paths, comp.n_heads, len(comp.dests)
 
-    @torch.no_grad()
-    def _run_checks(self, out: list[Explanation], pending: list[tuple[int, _Plan]], batch_size: int) -> None:
-        """Run every planned intervention, batched by prefix length, and record what the model answers."""
-        V, q = self.spec.vocab, self.q
-        groups: dict[int, list[tuple[int, _Plan]]] = defaultdict(list)
-        for i, plan in pending:
-            groups[len(plan.seq)].append((i, plan))
-        for jobs in groups.values():
-            for start in range(0, len(jobs), batch_size):
-                chunk = jobs[start : start + batch_size]
-                toks = torch.tensor([plan.seq for _, plan in chunk])
-                edited = torch.tensor([plan.pattern is not None for _, plan in chunk])
-                pred = torch.empty(len(chunk), dtype=torch.long)
-                if edited.any():  # attention edits run through the bridge's hook_pattern
-                    plans = [plan for (_, plan), e in zip(chunk, edited.tolist()) if e]
-                    logits = self.edited_logits(toks[edited], [p.head for p in plans], [p.pattern for p in plans])
-                    pred[edited] = logits.argmax(-1)
-                if not edited.all():  # intervened prefixes: the fused forward
-                    pred[~edited] = self._evaluator().logits(toks[~edited])[:, -1].argmax(-1)
-                expected = first_unique(toks, q)[:, -1].tolist()
-                for (i, plan), pv, ev in zip(chunk, pred.tolist(), expected):
-                    ex = out[i]
-                    ex.check = "confirmed" if pv == ev else "refuted"
-                    ex.check_sequence = self.spec.decode(plan.seq)
-                    ex.check_expected = V[ev]
-                    ex.check_predicted = V[pv]
+        def l1(j: int) -> str:
+            role = [f"{w} {V[x]!r}" for w, x in (("truth", t), ("prediction", pr)) if x < self.q and tab.responsible_head[x] == j]
+            return f"1.{j} (set {''.join(V[x] for x in sets[j]) or '-'}" + (f"; holds the {', '.join(role)})" if role else ")")
 
-    def edited_logits(self, toks: torch.Tensor, heads: list[int], patterns: list[torch.Tensor]) -> torch.Tensor:
-        """Last-position logits of `toks` [B, L] with L1 head `heads[b]` attending at the last position as
-        `patterns[b]` [L] says (a `hook_pattern` edit; everything downstream is recomputed)."""
-        rows, heads, new = torch.arange(len(toks)), torch.tensor(heads), torch.stack(patterns)
+        def l0(h: int) -> str:
+            det = "".join(V[x] for x in tab.detectors[h])
+            return f"0.{h} (detects duplicates of {det})" if det else f"0.{h} (detects no duplicates)"
 
-        def hook(pattern, hook):
-            pattern = pattern.clone()
-            pattern[rows, heads, -1] = new.to(pattern.dtype)
-            return pattern
-
-        return self.model.bridge.run_with_hooks(toks, fwd_hooks=[("blocks.1.attn.hook_pattern", hook)])[:, -1].float()
+        parts = []
+        for c in named:
+            if c < P:
+                s, d = divmod(c, D)
+                src = "embed" if s == 0 else l0(s - 1)
+                parts.append(f"{src} read {'directly by the unembedding' if d == 0 else 'by ' + l1(d - 1)}")
+            elif c < P + H:
+                parts.append(l0(c - P))
+            else:
+                parts.append(l1(c - P - H))
+        return "; ".join(parts) if parts else "no component named"
 
 
 @torch.no_grad()
 def failing_positions(model, tokens: torch.Tensor) -> list[int]:
-    """Positions of a 1-D token sequence where the model's argmax differs from the truth (bridge forward)."""
+    """Positions of a 1-D token sequence where the model's argmax differs from the truth (fused forward)."""
+    from .evaluator import Evaluator
+
     toks = torch.as_tensor(tokens).flatten()[None]
-    pred = model.bridge(toks)[0].argmax(-1)
+    pred = Evaluator(model.weights, device="cpu").logits(toks)[0].argmax(-1)
     truth = first_unique(toks, model.spec.qmark)[0]
     return [int(k) for k in (pred != truth).nonzero().flatten()]

@@ -428,9 +428,8 @@ def _paths_figure(v: FailureView):
 
     zt, zp = grid("true"), grid("pred")
     gap = zp - zt
-    bias = ex.paths.get("bias", {"true": 0.0, "pred": 0.0})
-    titles = [f"truth {ex.true!r}: logit {ex.logit_true:.2f} (bias {bias['true']:+.2f})",
-              f"prediction {ex.predicted!r}: logit {ex.logit_pred:.2f} (bias {bias['pred']:+.2f})",
+    titles = [f"truth {ex.true!r}: logit {ex.logit_true:.2f}",
+              f"prediction {ex.predicted!r}: logit {ex.logit_pred:.2f}",
               f"prediction − truth (gap {ex.margin:+.2f})"]  # fmt: skip
     fig = make_subplots(rows=1, cols=3, subplot_titles=titles, horizontal_spacing=0.07)
     lim = float(np.nanmax(np.abs(np.concatenate([zt.ravel(), zp.ravel()])))) or 1.0
@@ -451,7 +450,7 @@ def _paths_figure(v: FailureView):
     fig.update_yaxes(autorange="reversed")
     fig.update_xaxes(title={"text": "read by", "font": {"size": 11}})
     fig.update_layout(
-        title={"text": "Direct logit attribution per path source → destination at the failing position "
+        title={"text": "Attribution (relative to the mean) per path source → destination at the failing position "
                        f"(logits = straight to the unembedding; box: deciding path {ex.deciding_path or '-'})",
                "font": {"size": 13}},
         height=330, margin={"l": 60, "r": 30, "t": 80, "b": 50},
@@ -481,12 +480,14 @@ def add_failure_view(page: Page, v: FailureView, index: int, heading: str | None
         f"<b>{esc(ex.category)}</b>: {esc(ex.reason)}</td></tr>"
         f"<tr><th>structure</th><td>duplicated [{esc(''.join(ex.duplicated) or '-')}] · unique "
         f"[{esc(''.join(ex.unique) or '-')}] · absent [{esc(''.join(ex.absent) or '-')}] · r(truth) "
-        f"{head(ex.resp_head_true)} · r(prediction) {head(ex.resp_head_pred)} · load on {head(ex.load_head)}: "
-        f"{ex.load} duplicated letter(s), attention mass {ex.load_mass:.2f} · r(prediction)'s distraction "
-        f"{ex.distraction:.2f} · r(truth)'s self-attention {ex.self_attention:.2f}</td></tr>"
-        f"<tr><th>causal check</th><td><b>{esc(ex.check)}</b>: {esc(ex.check_detail)}"
-        + (f" — ran <code>{esc(ex.check_ran)}</code>: expected {esc(ex.check_expected)!s}, model says "
-           f"{esc(ex.check_predicted)}" if ex.check_sequence else "")
+        f"{head(ex.resp_head_true)} · r(prediction) {head(ex.resp_head_pred)} · load on r(truth): "
+        f"{ex.load} [{esc(''.join(ex.load_letters) or '-')}]</td></tr>"
+        f"<tr><th>detectors</th><td>{esc(ex.detectors or '-')}</td></tr>"
+        f"<tr><th>causal check</th><td><b>{esc(ex.check)}</b>: ablating <code>{esc('+'.join(ex.components) or '-')}"
+        f"</code> moves logit(truth) − logit(prediction) by {ex.effect:+.2f}; {esc(ex.story)}</td></tr>"
+        f"<tr><th>control</th><td><b>{esc(ex.control)}</b>: ablating <code>"
+        f"{esc('+'.join(ex.control_components) or '-')}</code> (same kind, like-sized, not named) moves it by "
+        f"{ex.control_effect:+.2f}{' — specific' if ex.specific else ''}"
         + f"</td></tr>{extra}</table>"
     )  # fmt: skip
     page.figure(f"fig-f{index}-probs", _probability_figure(v))

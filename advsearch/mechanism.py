@@ -1,4 +1,4 @@
-"""Mechanism tables, computed from a checkpoint's processed weights (issue 3).
+"""Mechanism tables, computed from a checkpoint's processed weights.
 
 Nothing here is typed in per checkpoint: every number comes from the weights
 (and, for the LayerNorm scales, from one reference forward pass).
@@ -15,9 +15,9 @@ The hypothesis the tables measure
 
 How they are computed
 ---------------------
-LN scales: s0, s1, s_final = mean of `blocks.0.ln1.hook_scale`,
-`blocks.1.ln1.hook_scale`, `ln_final.hook_scale` over all positions of a
-reference batch of 1000 sequences: `?` then `seq_len - 1` letters drawn by
+LN scales: s0, s1, s_final = mean LayerNorm scale (what TransformerLens calls
+`blocks.0.ln1.hook_scale`, `blocks.1.ln1.hook_scale`, `ln_final.hook_scale`)
+over all positions of a reference batch of 1000 sequences: `?` then `seq_len - 1` letters drawn by
 `torch.randint(0, n_letters, ..., generator=torch.Generator().manual_seed(42))`
 (the same tokens `torch.manual_seed(42); torch.randint(...)` gives).
 
@@ -28,7 +28,7 @@ tokens are the letters),
 
 `diag(A_h)[t] > dup_threshold` (default 0.30) ⇒ h is a duplicate detector for
 t; `< anti_threshold` (default 0.04) ⇒ anti-duplicate detector. Positional
-embeddings and Q/K biases are left out, as the issue's formula says.
+embeddings and Q/K biases are left out: the score compares tokens, not positions.
 
 L1 responsibility: for L1 head j and letter t, the four composed-OV diagonal
 entries ("paths")
@@ -93,11 +93,10 @@ def reference_batch(spec, n: int = REFERENCE_N, seed: int = REFERENCE_SEED) -> t
 
 @torch.no_grad()
 def ln_scales(model, n: int = REFERENCE_N, seed: int = REFERENCE_SEED) -> dict[str, float]:
-    """Mean `hook_scale` of each LayerNorm over the reference batch."""
-    names = {"s0": "blocks.0.ln1.hook_scale", "s1": "blocks.1.ln1.hook_scale", "s_final": "ln_final.hook_scale"}
-    wanted = set(names.values())
-    _, cache = model.bridge.run_with_cache(reference_batch(model.spec, n, seed), names_filter=lambda x: x in wanted)
-    return {k: float(cache[v].mean()) for k, v in names.items()}
+    """Mean scale of each LayerNorm over the reference batch (from the fused path forward)."""
+    from .paths import PathModel
+
+    return PathModel(model.weights, reference_batch(model.spec, n, seed)).reference_scales
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`advsearch report RUN_DIR`: one self-contained HTML report of a run (issue 8).
+"""`advsearch report RUN_DIR`: one self-contained HTML report of a run.
 
 The report reads the run folder (summary.json, failures.csv, and census.csv / families.csv when
 the strategy wrote them) and the run's model, and shows
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .audit import audit_csv
 from .errors import AdvsearchError
 from .figures import Page, add_failure_view, add_mechanism, esc, failure_views
 from .results import FailureRows, read_json
@@ -64,6 +65,8 @@ class RunData:
     categories: dict[str, dict[str, int]] = field(default_factory=dict)  # category -> check -> n
     p_hist: list[int] = field(default_factory=lambda: [0] * P_BINS)
     top: list[dict] = field(default_factory=list)  # most confident first
+    showcase: dict[str, dict] = field(default_factory=dict)  # category -> its most confident failure
+    audit: list[dict] | None = None  # advsearch.audit table, when the run has explanation columns
     census: list[dict] | None = None
     families: list[dict] | None = None
 
@@ -114,6 +117,7 @@ def read_run(run_dir: Path, top: int = DEFAULT_TOP) -> RunData:
         i_m = ix.get("margin")
         i_cat, i_chk = ix.get("category"), ix.get("check")
         heap: list[tuple] = []  # (p_pred, margin, -row) of the top N, smallest first
+        showcase_key: dict[str, tuple[float, float]] = {}
         for n, row in enumerate(reader):
             try:
                 pos, pp = int(row[i_pos]), float(row[i_pp])
@@ -134,6 +138,10 @@ def read_run(run_dir: Path, top: int = DEFAULT_TOP) -> RunData:
                 chk = data.categories.setdefault(row[i_cat] or "(none)", {})
                 key = row[i_chk] if i_chk is not None and row[i_chk] else "none"
                 chk[key] = chk.get(key, 0) + 1
+                best = showcase_key.get(row[i_cat])
+                if best is None or (pp, margin) > best:
+                    showcase_key[row[i_cat]] = (pp, margin)
+                    data.showcase[row[i_cat]] = dict(zip(header, row))
             if top > 0:
                 item = (pp, margin, -n)
                 if len(heap) < top:
@@ -145,7 +153,23 @@ def read_run(run_dir: Path, top: int = DEFAULT_TOP) -> RunData:
         data.census = _read_csv_rows(run_dir / "census.csv")
     if (run_dir / "families.csv").exists():
         data.families = _read_csv_rows(run_dir / "families.csv")
+    if "check" in header and "control" in header:
+        data.audit = summary.get("audit") or audit_csv(csv_path)
     return data
+
+
+def _audit_table(table: list[dict]) -> str:
+    """The audit table (advsearch.audit) as HTML, rates as percentages of failures."""
+    cols = ("failures", "checked", "confirmed", "specific")
+    head = "".join(f"<th>{c}</th>" for c in ("group", "name", *cols, "median effect", "median control effect"))
+    body = []
+    for r in table:
+        n = r["failures"]
+        cells = [esc(r["group"]), esc(r["name"]), f"{n:,}"]
+        cells += [f"{r[c] / n:.1%}" if n else "-" for c in cols[1:]]
+        cells += ["-" if r[c] is None else f"{r[c]:+.2f}" for c in ("median_effect", "median_control_effect")]
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
 def resolve_run_model(summary: dict, model: str | None, run_dir: Path | None = None):
@@ -374,12 +398,12 @@ def _families_figure(data: RunData):
 
 
 def _top_table(data: RunData) -> str:
-    extra = [c for c in ("category", "check") if c in data.columns]
+    extra = [c for c in ("category", "components", "check", "control") if c in data.columns]
     head = "".join(f"<th>{esc(c)}</th>" for c in ("#", "sequence", "pos", "true", "pred", "p_pred", "p_true",
                                                   "margin", *extra))  # fmt: skip
     body = []
     for i, r in enumerate(data.top):
-        cells = [f'<a href="#failure-{i}">{i + 1}</a>', f"<code>{esc(r['sequence'])}</code>", esc(r["position"]),
+        cells = [str(i + 1), f"<code>{esc(r['sequence'])}</code>", esc(r["position"]),
                  esc(r["true"]), esc(r["predicted"]), esc(r["p_pred"]), esc(r.get("p_true", "")),
                  esc(r.get("margin", "")), *[esc(r.get(c, "")) for c in extra]]  # fmt: skip
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
@@ -429,15 +453,37 @@ def build_report(run_dir: Path, top: int = DEFAULT_TOP, model: str | None = None
 
     add_mechanism(page, tables)
 
+    if data.audit:
+        page.section("audit", "How the explanations hold")
+        page.html('<p class="note">Per category and family (or strategy): failures whose causal check ran, was '
+                  "confirmed (the named ablation makes the model answer the truth), and was specific (confirmed "
+                  "while the like-sized control ablation did not fix it); median change of logit(truth) − "
+                  "logit(prediction) under each (<code>advsearch audit</code>).</p>")
+        page.html(_audit_table(data.audit))
+        page.end()
+
     page.section("top", f"Top {len(data.top)} failures (highest p(prediction) first)")
     if not data.top:
         page.html('<p class="note">The run found no failure.</p>')
     else:
         page.html(_top_table(data))
+    page.end()
+    # one view per category (its most confident failure), else the top failures
+    if data.showcase:
+        from .explain import CATEGORIES
+
+        cats = sorted(data.showcase, key=lambda c: (CATEGORIES.index(c) if c in CATEGORIES else 99, c))
+        shown = [data.showcase[c] for c in cats]
+        page.section("showcase", "One failure per category (its most confident), explained")
+    else:
+        shown = data.top
+        page.section("views", "The top failures, explained")
+    if shown:
         explainer = Explainer(loaded, tables)
-        items = [(loaded.spec.encode(r["sequence"]), int(r["position"])) for r in data.top]
-        for i, v in enumerate(failure_views(loaded, explainer, items)):
-            add_failure_view(page, v, i, heading=f"#{i + 1}  {v.sequence}")
+        items = [(loaded.spec.encode(r["sequence"]), int(r["position"])) for r in shown]
+        for i, (r, v) in enumerate(zip(shown, failure_views(loaded, explainer, items))):
+            label = r.get("category") if data.showcase else f"#{i + 1}"
+            add_failure_view(page, v, i, heading=f"{label}  {v.sequence}")
     page.end()
     return page
 

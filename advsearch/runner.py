@@ -32,7 +32,6 @@ from .judge import YIELD_CONFIDENCE, Judged, judge
 from .model import LoadedModel
 from .results import FAILURE_COLUMNS, FailureLog, prepare_dir, read_json, write_json, write_table
 
-EXPLAIN_COLUMNS = ("category", "resp_head_true", "resp_head_pred", "load", "deciding_path", "check")
 
 
 class Interrupted(AdvsearchError):
@@ -128,7 +127,7 @@ def run_search(
     """
     spec, run_id = model.spec, run_identifier(model, strategy, min_confidence)
     out_dir = Path(out_dir) if out_dir is not None else Path("results") / run_id
-    columns = FAILURE_COLUMNS + strategy.extra_columns + (EXPLAIN_COLUMNS if explainer else ())
+    columns = FAILURE_COLUMNS + strategy.extra_columns + (explainer.columns if explainer else ())
     columns += ("minimized",) if minimizer is not None else ()
     identity = {"strategy": strategy.name, "params": strategy.params(), "model_sha256": model.sha256,
                 "min_confidence": min_confidence, "columns": list(columns), "eval_threads": EVAL_THREADS}  # fmt: skip
@@ -173,6 +172,10 @@ def run_search(
             "files": ["failures.csv", *strategy.tables()],
             "tables": {name: rows for name, rows in strategy.tables().items() if len(rows) <= 100},
         }  # fmt: skip
+        if explainer is not None:
+            from .audit import audit_csv
+
+            data["audit"] = audit_csv(csv_path)  # how the explanations hold (advsearch audit)
         for name, rows in strategy.tables().items():
             write_table(out_dir / name, rows)
         write_json(out_dir / "summary.json", data)

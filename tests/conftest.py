@@ -101,3 +101,14 @@ def interrupt_judging(monkeypatch, at_call: int):
 
     monkeypatch.setattr(runner, "judge", judge_then_interrupt)
     return lambda: monkeypatch.setattr(runner, "judge", real)
+
+
+OTHER_SEED_MODEL = REPO / "tests" / "data" / "seed1.pt"
+
+
+@pytest.fixture(scope="session")
+def other_seed():
+    """A checkpoint this project trained with `advsearch train --seed 1` (committed under tests/data)."""
+    from advsearch.model import load_model
+
+    return load_model(OTHER_SEED_MODEL)

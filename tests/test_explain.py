@@ -1,4 +1,5 @@
-"""Per-failure explanations (issue 3): attribution, categories, causal checks, and the measured fractions."""
+"""Per-failure explanations: the path forward against the bridge, the search and its control, the
+categories against a plain reading of the prefix, measured rates, and the CLI."""
 
 import json
 from collections import Counter
@@ -9,11 +10,13 @@ import torch
 from click.testing import CliRunner
 
 from advsearch.cli_mechanism import explain_cmd, mechanism_cmd
+from advsearch.errors import AdvsearchError
 from advsearch.evaluator import Evaluator
-from advsearch.explain import CATEGORIES, CHECK_RESULTS, CSV_COLUMNS, Explainer, failing_positions
+from advsearch.explain import CATEGORIES, CSV_COLUMNS, Components, Explainer, failing_positions
+from advsearch.mechanism import reference_batch
 from advsearch.oracle import first_unique
 
-N_SEQUENCES = 10_000  # the closing note's numbers use 20,000 (same code, same seed)
+N_SEQUENCES = 10_000  # fixture seed 7; the rates the README quotes come from other seeds
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +24,9 @@ def explainer(challenge):
     return Explainer(challenge)
 
 
-def random_failures(model, n: int, seed: int = 0) -> list[tuple[torch.Tensor, int]]:
-    """One (tokens, k) per distinct failing prefix of n random sequences (fused evaluator)."""
-    g = torch.Generator().manual_seed(seed)
-    toks = torch.cat([torch.full((n, 1), 10), torch.randint(0, 10, (n, 19), generator=g)], 1)
+def random_failures(model, n: int, seed: int) -> list[tuple[torch.Tensor, int]]:
+    """One (tokens, k) per distinct failing prefix of n random sequences."""
+    toks = model.spec.random_tokens(n, seed)
     pred = Evaluator(model.weights, "cpu").logits(toks).argmax(-1)
     seen, items = set(), []
     for i, k in (pred != first_unique(toks)).nonzero().tolist():
@@ -37,158 +39,262 @@ def random_failures(model, n: int, seed: int = 0) -> list[tuple[torch.Tensor, in
 
 @pytest.fixture(scope="module")
 def explained(challenge, explainer):
-    items = random_failures(challenge, N_SEQUENCES)
+    items = random_failures(challenge, N_SEQUENCES, seed=7)
     return items, explainer.explain_many(items)
 
 
-def test_known_failure(challenge, explainer):
-    toks = challenge.spec.encode("?jeejjfhadc")
-    assert failing_positions(challenge, toks) == [10]
-    ex = explainer.explain(toks, 10)
-    assert (ex.sequence, ex.position, ex.true, ex.predicted) == ("?jeejjfhadc", 10, "f", "h")
-    assert ex.category == "overloaded_head"
-    assert (ex.resp_head_true, ex.resp_head_pred, ex.load) == (1, 2, 2)
-    cols = ex.columns()
-    assert tuple(cols) == CSV_COLUMNS
-    assert cols["resp_head_true"] == "1.1" and cols["resp_head_pred"] == "1.2"
-    assert ex.distraction >= 0.5 and ex.check == "confirmed" and ex.check_detail.startswith("refocus 1.2")
-    text = ex.format_text()
-    assert "overloaded_head" in text and "deciding path" in text
+# ---- an independent reference: path ablation through the TransformerLens bridge ----------------
 
 
-def test_attribution_adds_up_to_the_logits(explained):
-    _, exs = explained
-    for ex in exs[:200]:
-        for side, logit in (("true", ex.logit_true), ("pred", ex.logit_pred)):
-            assert sum(v[side] for v in ex.components.values()) == pytest.approx(logit, abs=1e-3)
-            assert sum(v[side] for v in ex.paths.values()) == pytest.approx(logit, abs=1e-3)
-        assert len(ex.paths) == 17 and set(ex.components) == {"embed", "0.0", "0.1", "0.2", "1.0", "1.1", "1.2", "bias"}
-        gap = {n: v["pred"] - v["true"] for n, v in ex.paths.items() if n != "bias"}
-        assert ex.deciding_path == max(gap, key=gap.get)
+class BridgeAblation:
+    """Mean ablation of paths and layer-1 outputs computed with the bridge's own forward and hooks:
+    sources from its cache, each layer-1 head run by the bridge on its own residual (a
+    `blocks.1.hook_resid_pre` replacement), means over the reference batch from the bridge too."""
+
+    def __init__(self, model):
+        self.model, self.bridge, self.H = model, model.bridge, model.spec.n_heads
+        ref = reference_batch(model.spec)
+        src, _ = self.sources(ref)
+        self.mean = src.mean(0)  # [S, L, d]
+        names = ("blocks.1.attn.hook_z",)
+        _, cache = self.bridge.run_with_cache(ref, names_filter=lambda n: n in names)
+        W_O = self.bridge.blocks[1].attn.W_O  # [H, dh, d]
+        self.mean_out = torch.einsum("blhe,hed->hld", cache["blocks.1.attn.hook_z"], W_O) / len(ref)
+
+    def sources(self, toks):
+        names = ("hook_embed", "hook_pos_embed", "blocks.0.attn.hook_z")
+        _, cache = self.bridge.run_with_cache(toks, names_filter=lambda n: n in names)
+        W_O = self.bridge.blocks[0].attn.W_O
+        out0 = torch.einsum("blhe,hed->bhld", cache["blocks.0.attn.hook_z"], W_O)
+        emb = cache["hook_embed"] + cache["hook_pos_embed"]
+        return torch.cat([emb[:, None], out0], 1), self.bridge.blocks[0].attn.b_O
+
+    @torch.no_grad()
+    def logits(self, toks, keep, keep_out):
+        src, b0 = self.sources(toks)
+        B, S, L, d = src.shape
+        mean = self.mean[:, :L]
+        per_dest = []
+        for dst in range(1 + self.H):
+            k = keep[:, :, dst].float()[:, :, None, None]
+            per_dest.append((k * src + (1 - k) * mean).sum(1) + b0)
+        outs = []
+        W_O = self.bridge.blocks[1].attn.W_O
+        for j in range(self.H):
+            resid = per_dest[1 + j]
+            z = {}
+
+            def grab(x, hook, z=z):
+                z["z"] = x[:, -1, j]
+
+            self.bridge.run_with_hooks(toks, fwd_hooks=[("blocks.1.hook_resid_pre", lambda x, hook, r=resid: r),
+                                                        ("blocks.1.attn.hook_z", grab)])  # fmt: skip
+            out = z["z"] @ W_O[j]
+            ko = keep_out[:, j].float()[:, None]
+            outs.append(ko * out + (1 - ko) * self.mean_out[j, L - 1])
+        final = per_dest[0][:, -1] + sum(outs) + self.bridge.blocks[1].attn.b_O
+        xn = torch.nn.functional.layer_norm(final, (d,), eps=self.model.weights.eps)
+        return xn @ self.bridge.W_U + self.bridge.b_U
 
 
-def test_explanations_are_well_formed(explained):
+@pytest.fixture(scope="module")
+def reference(challenge):
+    return BridgeAblation(challenge)
+
+
+def test_path_forward_matches_the_bridge(challenge, explainer, reference):
+    toks = challenge.spec.random_tokens(64, 3)[:, :12]
+    clean = explainer.paths.run(toks)
+    assert (clean.logits - challenge.bridge(toks)[:, -1]).abs().max() < 1e-3
+    comp = Components(challenge.spec.n_heads)
+    sets = [(c,) for c in range(len(comp.names))] + [(0, 5), (17, 21), (3, 6, 9, 12)]
+    keep, keep_out = comp.masks(sets)
+    rows = torch.arange(len(toks)).repeat_interleave(len(sets))
+    ours = explainer.paths.ablate(clean, rows, keep.repeat(len(toks), 1, 1), keep_out.repeat(len(toks), 1))
+    theirs = reference.logits(toks[rows], keep.repeat(len(toks), 1, 1), keep_out.repeat(len(toks), 1))
+    assert (ours - theirs).abs().max() < 1e-3
+    # the ablations do something: most change some logit by more than 1
+    assert ((ours - clean.logits[rows]).abs().amax(-1) > 1).float().mean() > 0.5
+
+
+def test_checks_and_controls_agree_with_the_bridge(challenge, explained, reference):
+    """Every check and control outcome and effect, recomputed with the bridge reference."""
     items, exs = explained
-    assert len(exs) == len(items) > 100
-    for (toks, k), ex in zip(items, exs):
-        assert ex.category in CATEGORIES and ex.category != "correct"
-        assert ex.check in CHECK_RESULTS and ex.check_detail
-        assert ex.position == k and ex.sequence == "".join("abcdefghij?"[int(t)] for t in toks[: k + 1])
-        assert ex.true != ex.predicted
-        cols = ex.columns()
-        assert tuple(cols) == CSV_COLUMNS
-        for key in ("resp_head_true", "resp_head_pred"):
-            assert cols[key] in ("", "1.0", "1.1", "1.2")
-        json.loads(ex.to_json())
-
-
-def _edited(explainer, ex, head: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prefix of `ex` and L1 head `head`'s attention at k with what `ex`'s check removes: other heads' letters
-    (t*, p aside) for a refocus, t* for an unfocus."""
-    spec, R = explainer.spec, explainer.R
-    toks = spec.encode(ex.sequence)
-    t, p = (spec.vocab.index(c) for c in (ex.true, ex.predicted))
-    pattern = explainer.model.bridge.run_with_cache(toks[None])[1]["blocks.1.attn.hook_pattern"][0, head, -1]
-    if ex.extra["check_kind"] == "refocus":
-        drop = torch.tensor([x != spec.qmark and R[x] != head and x not in (t, p) for x in toks.tolist()])
-    else:
-        drop = toks == t
-    kept = pattern * ~drop
-    return toks, kept / kept.sum()
-
-
-def test_checks_are_interventions_that_can_fail(challenge, explainer, explained):
-    """Every check ran the model on an intervened prefix or attention pattern; the outcome is what the model
-    says there; and both outcomes occur (a check that cannot fail would never be refuted)."""
-    _, exs = explained
-    ran = [ex for ex in exs if ex.check != "none"]
-    outcomes = Counter(ex.check for ex in ran)
-    assert outcomes["confirmed"] > 0 and outcomes["refuted"] > 0
-    assert {ex.extra["check_kind"] for ex in ran} == {"refocus", "unfocus", "separate"}
-    ev = Evaluator(challenge.weights, "cpu")
-    for ex in ran[:300]:
-        toks = challenge.spec.encode(ex.check_sequence)
-        truth = challenge.spec.vocab[int(first_unique(toks)[-1])]
-        if ex.extra["check_kind"] in ("refocus", "unfocus"):  # same prefix, one head's attention edited
-            assert ex.check_sequence == ex.sequence
-            head = ex.resp_head_pred if ex.extra["check_kind"] == "refocus" else ex.resp_head_true
-            _, pattern = _edited(explainer, ex, head)
-            logits = explainer.edited_logits(toks[None], [head], [pattern])
-        else:
-            assert ex.check_sequence != ex.sequence and len(ex.check_sequence) == len(ex.sequence)
-            logits = ev.logits(toks[None])[:, -1]
-        said = challenge.spec.vocab[int(logits[0].argmax())]
-        assert (truth, said) == (ex.check_expected, ex.check_predicted)
-        assert (ex.check == "confirmed") == (truth == said)
-    for cat in {ex.category for ex in ran}:  # per category, the check is not a constant
-        per = Counter(ex.check for ex in ran if ex.category == cat)
-        if sum(per.values()) >= 30:
-            assert per["refuted"] > 0, cat
-
-
-def test_attention_checks_are_specific_to_the_head_the_explanation_names(explainer, explained):
-    """The refocus (on r(p)) and unfocus (on r(t*)) edits fix far more failures than the same edit on the
-    L1 head the explanation does not name (the control)."""
-    _, exs = explained
-    rates = {}
-    for cat in ("qmark_expected", "duplicate_not_suppressed", "overloaded_head", "unique_missed_qmark",
-                "first_instance_missed"):  # fmt: skip
-        picked = [ex for ex in exs if ex.category == cat and ex.check != "none"]
-        fixed = 0
-        for ex in picked:
-            control = min({0, 1, 2} - {ex.resp_head_pred, ex.resp_head_true})
-            toks, pattern = _edited(explainer, ex, control)
-            said = int(explainer.edited_logits(toks[None], [control], [pattern])[0].argmax())
-            fixed += said == int(first_unique(toks)[-1])
-        confirmed = sum(ex.check == "confirmed" for ex in picked) / len(picked)
-        rates[cat] = (round(confirmed, 3), round(fixed / len(picked), 3), len(picked))
-    print(f"\nnamed head vs control head (fraction fixed, n): {rates}")
-    for cat, (named, control, n) in rates.items():
-        assert n >= 20 and named >= control + 0.3, cat
-
-
-def test_fraction_categorised_and_confirmed(explained):
-    """Measured on random failures of the challenge checkpoint; the issue's targets: >= 80% categorised and
-    >= 90% of those confirmed (10k sequences, seed 0: 99.85% and 90.6%)."""
-    _, exs = explained
-    categorised = [ex for ex in exs if ex.category != "other"]
-    confirmed = sum(ex.check == "confirmed" for ex in categorised)
-    frac_cat, frac_conf = len(categorised) / len(exs), confirmed / len(categorised)
-    print(f"\n{len(exs)} failures: {frac_cat:.3f} categorised, {frac_conf:.3f} of those confirmed; "
-          f"{Counter(ex.category for ex in exs).most_common()}")  # fmt: skip
-    assert frac_cat >= 0.80
-    assert frac_conf >= 0.90
-    cats = Counter(ex.category for ex in exs)
-    for name in ("qmark_expected", "unique_missed_qmark", "first_instance_missed", "duplicate_not_suppressed",
-                 "overloaded_head", "later_unique_preferred"):  # fmt: skip
-        assert cats[name] > 0, name
-
-
-def test_batched_equals_single(challenge, explainer, explained):
-    items, exs = explained
-    picks = [0, len(items) // 3, len(items) // 2, len(items) - 1]
+    comp = Components(challenge.spec.n_heads)
+    index = {n: i for i, n in enumerate(comp.names)}
+    picks = [i for i in range(0, len(items), max(1, len(items) // 40))]
     for i in picks:
-        a, b = explainer.explain(*items[i]).to_dict(), exs[i].to_dict()
-        for key in ("sequence", "position", "true", "predicted", "category", "resp_head_true", "resp_head_pred",
-                    "load", "deciding_path", "check", "check_detail", "check_sequence"):  # fmt: skip
-            assert a[key] == b[key], key
-        assert a["load_mass"] == pytest.approx(b["load_mass"], abs=1e-5)
-        for name, v in a["paths"].items():
-            assert v["true"] == pytest.approx(b["paths"][name]["true"], abs=1e-3)
-            assert v["pred"] == pytest.approx(b["paths"][name]["pred"], abs=1e-3)
+        ex, (toks, k) = exs[i], items[i]
+        t, p = challenge.spec.vocab.index(ex.true), challenge.spec.vocab.index(ex.predicted)
+        prefix = toks[None, : k + 1]
+        for named, verdict, effect, fixed_word in ((ex.components, ex.check, ex.effect, "confirmed"),
+                                                   (ex.control_components, ex.control, ex.control_effect, "fixed")):
+            if not named:
+                continue
+            keep, keep_out = comp.masks([tuple(index[n] for n in named)])
+            logits = reference.logits(prefix, keep, keep_out)[0]
+            assert (logits.argmax() == t) == (verdict == fixed_word), (ex.sequence, named)
+            assert (logits[t] - logits[p]) - (ex.logit_true - ex.logit_pred) == pytest.approx(effect, abs=2e-3)
+
+
+# ---- the search and the control, on a model whose answers the test decides ------------------------
+
+
+def scripted(comp: Components, fixes: set[int]):
+    """Stands in for `Explainer._ablate`: the truth wins exactly when a component in `fixes` is dropped."""
+
+    def ablate(clean, truth, pred, gap, rows, keep, keep_out):
+        fixed = torch.tensor([any(not (keep[i] | comp.single_keep[c]).all() or not (keep_out[i] | comp.single_keep_out[c]).all()
+                                  for c in fixes) for i in range(len(rows))], dtype=torch.bool)  # fmt: skip
+        return fixed.float(), fixed
+
+    return ablate
+
+
+@pytest.mark.parametrize("fixes, check, control", [
+    ({"0.1->1.2"}, "confirmed", "not_fixed"),              # only the named path matters
+    ({"0.1->1.2", "0.0->1.2", "0.2->1.2", "embed->1.2"}, "confirmed", "fixed"),  # any path into 1.2 would do
+    (set(), "refuted", "not_fixed"),                        # nothing fixes it
+    ({"1.0"}, "confirmed", "not_fixed"),                    # a head, when no path suffices
+])  # fmt: skip
+def test_check_and_control_can_each_come_out_either_way(challenge, fixes, check, control):
+    explainer = Explainer(challenge)
+    comp = explainer.comp
+    explainer._ablate = scripted(comp, {comp.names.index(n) for n in fixes})
+    for toks, k in random_failures(challenge, 300, seed=5)[:3]:
+        ex = explainer.explain(toks, k)
+        assert ex.check == check, (fixes, ex.components)
+        if check == "confirmed":
+            assert set(ex.components) <= fixes and len(ex.components) == 1
+            assert ex.control == control and not set(ex.control_components) & set(ex.components)
+            # the control is of the same kind: a path into the same destination, or a head of the same layer
+            (named,), (ctrl,) = ex.components, ex.control_components
+            if "->" in named:
+                assert named.split("->")[1] == ctrl.split("->")[1] and named != ctrl
+            else:
+                assert named[0] == ctrl[0] and named != ctrl
+        else:
+            assert len(ex.components) == 4 and ex.control in ("not_fixed", "none")
+
+
+# ---- structure and categories, read off the prefix independently -------------------------------
+
+
+def plain_category(seq: str, truth: str, pred: str, responsible: dict[str, int]) -> str:
+    letters = seq[1:]
+    n = Counter(letters)
+    first = {c: letters.index(c) for c in n}
+    if truth == "?":
+        return "qmark_expected" if n[pred] >= 2 else "absent_letter_predicted"
+    if pred == "?":
+        return "first_instance_missed" if letters[-1] == truth and n[truth] == 1 else "unique_missed_qmark"
+    if letters[-1] == truth and n[truth] == 1:
+        return "first_instance_missed"
+    if n[pred] >= 2:
+        return "duplicate_not_suppressed"
+    if n[pred] == 1:
+        assert first[pred] > first[truth]
+        load = any(n[c] >= 2 and responsible[c] == responsible[truth] for c in n)
+        return "overloaded_head" if load and responsible[pred] != responsible[truth] else "later_unique_preferred"
+    return "set_mate_predicted" if responsible[pred] == responsible[truth] else "other"
+
+
+def test_categories_and_structure(challenge, explainer, explained):
+    items, exs = explained
+    V = challenge.spec.vocab
+    responsible = {V[x]: h for x, h in enumerate(explainer.tables.responsible_head)}
+    for (toks, k), ex in zip(items, exs):
+        seq = challenge.spec.decode(toks[: k + 1])
+        assert ex.sequence == seq and ex.position == k and ex.true != ex.predicted
+        assert ex.category == plain_category(seq, ex.true, ex.predicted, responsible), seq
+        n = Counter(seq[1:])
+        assert set(ex.duplicated) == {c for c in n if n[c] >= 2} and set(ex.unique) == {c for c in n if n[c] == 1}
+        assert ex.load_letters == [c for c in ex.duplicated if ex.true != "?" and responsible[c] == responsible[ex.true]]
+        assert ex.resp_head_true == responsible.get(ex.true) and ex.resp_head_pred == responsible.get(ex.predicted)
+        cols = ex.columns()
+        assert tuple(cols) == CSV_COLUMNS and cols["components"] == "+".join(ex.components)
+    assert Counter(ex.category for ex in exs).keys() <= set(CATEGORIES)
+
+
+def test_detectors_name_what_the_attention_shows(challenge, explainer, explained):
+    """Every layer-0 head the text calls a flagger attends from the latest copy to the earlier ones at
+    least the tables' threshold (the bridge's pattern); every one it says missed is a detector of the
+    letter in the tables and stays below."""
+    items, exs = explained
+    thr, diag = explainer.tables.dup_threshold, explainer.tables.l0_diag
+    shown = [(ex, items[i]) for i, ex in enumerate(exs) if ex.detectors][:25]
+    assert shown
+    for ex, (toks, k) in shown:
+        _, cache = challenge.bridge.run_with_cache(toks[None, : k + 1],
+                                                   names_filter=lambda n: n == "blocks.0.attn.hook_pattern")
+        att = cache["blocks.0.attn.hook_pattern"][0]  # [H, L, L]
+        for part in ex.detectors.split("; "):
+            letter, notes = part.split(": ")
+            assert letter in ex.duplicated
+            where = [i for i, c in enumerate(ex.sequence) if c == letter]
+            for note in notes.split(", "):
+                if note == "no head flagged":
+                    continue
+                head, verdict, value = note.split()
+                h = int(head[2:])
+                a = float(att[h, where[-1], where[:-1]].sum())
+                assert a == pytest.approx(float(value), abs=0.01)
+                assert (a >= thr) == (verdict == "flagged")
+                if verdict == "missed":
+                    assert diag[h][challenge.spec.vocab.index(letter)] > thr
 
 
 def test_correct_position_and_bad_input(challenge, explainer):
     toks = challenge.spec.encode("?abc")
     assert failing_positions(challenge, toks) == []
     ex = explainer.explain(toks, 2)
-    assert ex.category == "correct" and ex.check == "none" and ex.deciding_path == ""
-    from advsearch.errors import AdvsearchError
-
+    assert ex.category == "correct" and ex.check == "none" and ex.control == "none" and ex.components == []
     with pytest.raises(AdvsearchError):
         explainer.explain(toks, 7)
     with pytest.raises(AdvsearchError):
         explainer.explain(torch.tensor([1, 2, 3]), 1)
+
+
+def test_batched_equals_single(explainer, explained):
+    items, exs = explained
+    for i in (0, len(items) // 3, len(items) - 1):
+        a, b = explainer.explain(*items[i]), exs[i]
+        assert a.columns() == b.columns()
+
+
+# ---- measured rates (fixture seeds; the README's figures come from other seeds) ---------------
+
+
+def rates(exs) -> tuple[float, float, float]:
+    n = len(exs)
+    return (sum(e.check != "none" for e in exs) / n, sum(e.check == "confirmed" for e in exs) / n,
+            sum(e.specific for e in exs) / n)  # fmt: skip
+
+
+def test_rates_on_random_failures_of_the_challenge_checkpoint(explained):
+    _, exs = explained
+    checked, confirmed, specific = rates(exs)
+    print(f"\n{len(exs)} failures: checked {checked:.3f}, confirmed {confirmed:.3f}, specific {specific:.3f}")
+    assert checked == 1.0 and confirmed >= 0.97 and specific >= 0.83
+
+
+def test_rates_on_a_checkpoint_trained_with_another_seed(other_seed):
+    """tests/data/seed1.pt: `advsearch train --seed 1`, whose responsibility sets differ from the challenge's."""
+    explainer = Explainer(other_seed)
+    exs = explainer.explain_many(random_failures(other_seed, 10_000, seed=7))
+    checked, confirmed, specific = rates(exs)
+    print(f"\n{len(exs)} failures: checked {checked:.3f}, confirmed {confirmed:.3f}, specific {specific:.3f}")
+    assert len(exs) > 100 and checked == 1.0 and confirmed >= 0.95 and specific >= 0.75
+
+
+def test_the_other_seed_has_other_tables(challenge, other_seed):
+    from advsearch.mechanism import compute_tables
+
+    a, b = compute_tables(challenge), compute_tables(other_seed)
+    assert sorted(map(sorted, a.responsibility_sets)) != sorted(map(sorted, b.responsibility_sets))
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +311,7 @@ def cli():
 def test_cli_explain(cli, challenge_path):
     r = CliRunner().invoke(cli, ["explain", "?jeejjfhadc", "--model", str(challenge_path)])
     assert r.exit_code == 0, r.output
-    assert "overloaded_head" in r.output and "check" in r.output
+    assert "control" in r.output and "detectors" in r.output and "check" in r.output
     r = CliRunner().invoke(cli, ["explain", "?abc", "--model", str(challenge_path)])
     assert r.exit_code == 0 and "no failing position" in r.output
     r = CliRunner().invoke(cli, ["explain", "?jeejjfhadc", "--pos", "3", "--json", "--model", str(challenge_path)])

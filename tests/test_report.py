@@ -25,7 +25,10 @@ from advsearch.report import read_run, wilson, write_report
 
 TOP = 3
 RUN_FIGURES = ["fig-position", "fig-confidence", "fig-confusion", "fig-categories", "fig-mech-l0", "fig-mech-l1"]
-FAILURE_FIGURES = [f"fig-f{i}-{kind}" for i in range(TOP) for kind in ("probs", "attention", "paths")]
+
+
+def failure_figures(n: int) -> list[str]:
+    return [f"fig-f{i}-{kind}" for i in range(n) for kind in ("probs", "attention", "paths")]
 
 
 def figure_data(page: str) -> dict:
@@ -107,7 +110,10 @@ def test_report_content(report, random_run):
     assert "<script src" not in rest and "<link" not in rest and "https://" not in rest
     assert summary["model_sha256"] in page and "95% Wilson CI" in page and "sequence yield" in page
     figs = figure_data(page)
-    assert list(figs) == RUN_FIGURES + FAILURE_FIGURES
+    with open(random_run / "failures.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    categories = {r["category"] for r in rows}
+    assert list(figs) == RUN_FIGURES + failure_figures(len(categories))
     for fig_id in figs:
         assert f'id="{fig_id}"' in page
     confusion = figs["fig-confusion"]["data"][0]
@@ -117,11 +123,19 @@ def test_report_content(report, random_run):
     attention = figs["fig-f0-attention"]["data"]
     assert len(attention) == 6 and all(t["type"] == "heatmap" for t in attention)
     assert len(figs["fig-f0-paths"]["data"]) == 3  # truth, prediction, gap
-    # the top failures are the most confident rows of failures.csv, in that order
-    with open(random_run / "failures.csv", newline="") as f:
-        best = sorted(csv.DictReader(f), key=lambda r: -float(r["p_pred"]))[:TOP]
-    shown = re.findall(r"<h3>#\d+\s+(\?[a-j]*)</h3>", page)
-    assert shown == [r["sequence"] for r in best]
+    # the showcase: for each category, its most confident row of failures.csv, explained
+    shown = dict(re.findall(r"<h3>([a-z_]+)\s+(\?[a-j]*)</h3>", page))
+    assert set(shown) == categories
+    for cat, seq in shown.items():
+        best = max((r for r in rows if r["category"] == cat), key=lambda r: (float(r["p_pred"]), float(r["margin"])))
+        assert seq == best["sequence"]
+    # the top table lists the most confident rows, in that order
+    best = sorted(rows, key=lambda r: -float(r["p_pred"]))[:TOP]
+    listed = re.findall(r"<td>\d+</td><td><code>(\?[a-j]*)</code>", page)
+    assert listed == [r["sequence"] for r in best]
+    # the audit table, as summary.json records it
+    assert "How the explanations hold" in page
+    assert summary["audit"][0]["failures"] == len(rows)
     # categories come from the explanation columns
     cats = {t["name"] for t in figs["fig-categories"]["data"]}
     assert cats <= {"check confirmed", "check refuted", "check none"} and cats
@@ -268,7 +282,8 @@ def test_report_in_headless_chromium(browser, report, tmp_path):
     html_tag = re.search(r"<html[^>]*>", dom).group(0)
     assert "data-js-errors" not in html_tag and 'id="js-errors" hidden' in dom
     body = re.search(r"<body[^>]*>", dom).group(0)
-    expected = RUN_FIGURES + FAILURE_FIGURES
+    expected = list(figure_data(Path(path).read_text()))
+    assert expected[: len(RUN_FIGURES)] == RUN_FIGURES and len(expected) > len(RUN_FIGURES)
     assert f'data-figures="{len(expected)}"' in body and 'data-complete="1"' in body, body
     assert f'data-rendered="{len(expected)}"' in body
     parser = RenderedFigures(expected)
