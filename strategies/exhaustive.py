@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from advsearch.errors import AdvsearchError
+from advsearch.strategy_config import ConfigError, ExhaustiveConfig
 
 from .base import Proposal, Strategy
 
@@ -36,11 +37,13 @@ def prefixes(n: int, start: int, stop: int, n_letters: int, qmark: int) -> torch
 
 class ExhaustiveStrategy(Strategy):
     name = "exhaustive"
+    config_class = ExhaustiveConfig
 
-    def __init__(self, spec, config):
+    def __init__(self, spec, config: ExhaustiveConfig):
         super().__init__(spec, config)
         if not 1 <= config.max_len <= min(spec.seq_len - 1, 18):
-            raise AdvsearchError(f"--max-len must be between 1 and {min(spec.seq_len - 1, 18)}, got {config.max_len}")
+            raise ConfigError("max_len", f"the longest prefix must be between 1 and {min(spec.seq_len - 1, 18)} "
+                                         f"tokens after '?', got {config.max_len}")  # fmt: skip
         self.shared = config.shared_prefixes
         t = spec.n_letters
         self.chunk = max(t, config.batch_size // t * t)
