@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import typing
+from dataclasses import fields
 from pathlib import Path
 
 import click
@@ -13,6 +16,8 @@ from .cli_report import audit_cmd, report_cmd
 from .cli_suite import compare, harden, regress, suite
 from .cliutil import device_option, handle_errors, model_option
 from .determinism import eval_threads
+from .errors import AdvsearchError
+from .strategy_config import STRATEGY_CONFIGS, ConfigError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,50 +26,132 @@ def main() -> None:
     """Find inputs that break a small algorithmic transformer, and explain why."""
 
 
-# The names in strategies.STRATEGIES, spelled out so that building the CLI (and `--help`) does not
+# The names in strategies.STRATEGIES, from their configs, so that building the CLI (and `--help`) does not
 # import the strategies and with them torch; a test keeps the two equal.
-STRATEGY_NAMES = ("random", "exhaustive", "guided", "local", "optuna")
+STRATEGY_NAMES = tuple(STRATEGY_CONFIGS)
+# Options of `run` that every strategy with the field gets, and that the others ignore (as before the configs).
+RUN_LEVEL_FIELDS = ("budget", "seed", "batch_size")
+
+
+def _config_options() -> dict[str, tuple[object, list[str]]]:
+    """Each strategy-specific config field (name -> its dataclasses.Field and the strategies that have it)."""
+    found: dict[str, tuple[object, list[str]]] = {}
+    for name, config_class in STRATEGY_CONFIGS.items():
+        for f in fields(config_class):
+            if f.name not in RUN_LEVEL_FIELDS:
+                found.setdefault(f.name, (f, []))[1].append(name)
+    return found
+
+
+CONFIG_OPTIONS = _config_options()
+
+
+def option_flag(field_name: str) -> str:
+    """The `run` option of a config field (`max_len` -> `--max-len`, `shared_prefixes` -> `--prefix-sharing`)."""
+    entry = CONFIG_OPTIONS.get(field_name)
+    meta = entry[0].metadata if entry else {}
+    return "--" + meta.get("flag", field_name.replace("_", "-"))
+
+
+def _strategies_phrase(names) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _click_option(f, strategies: list[str]):
+    """A click option built from config field `f` (type, default and help from the dataclass)."""
+    meta, flag, text = f.metadata, option_flag(f.name), f.metadata.get("help", "")
+    if text and not (len(text.split()[0]) > 1 and text.split()[0].isupper()):  # "Aim at" -> "aim at"; "TPE" stays
+        text = text[0].lower() + text[1:]
+    help_text = f"{'/'.join(strategies)}: {text}"
+    args = typing.get_args(f.type)
+    base = next(t for t in args if t is not type(None)) if type(None) in args else f.type  # X | None -> X
+    if base is bool and f.default:
+        return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=True, show_default=True, help=help_text)
+    if base is bool:
+        return click.option(flag, f.name, is_flag=True, default=False, help=help_text)
+    if meta.get("csv"):
+        kind = str
+    elif "choices" in meta:
+        kind = click.Choice(list(meta["choices"]))
+    elif base is int:
+        kind = click.IntRange(meta.get("min"), meta.get("max")) if "min" in meta or "max" in meta else int
+    elif base is float:
+        kind = click.FloatRange(meta.get("min"), meta.get("max")) if "min" in meta or "max" in meta else float
+    else:
+        kind = str
+    return click.option(flag, f.name, type=kind, default=f.default, show_default=f.default is not None,
+                        help=help_text)  # fmt: skip
+
+
+def config_options(fn):
+    """Decorate `run` with one option per strategy-specific config field, in the configs' order."""
+    for f, strategies in reversed(list(CONFIG_OPTIONS.values())):
+        fn = _click_option(f, strategies)(fn)
+    return fn
+
+
+def _run_level_help(field_name: str, text: str) -> str:
+    having = [n for n, c in STRATEGY_CONFIGS.items() if field_name in c.__dataclass_fields__]
+    return f"{text} ({', '.join(having)})."
+
+
+def _batch_size_help() -> str:
+    defaults = ", ".join(f"{n} {c.__dataclass_fields__['batch_size'].default}" for n, c in STRATEGY_CONFIGS.items())
+    return ("Sequences per batch (exhaustive: prefixes per chunk; optuna: trials asked per batch). "
+            f"Default: {defaults}.")  # fmt: skip
+
+
+def _check_strategy_options(ctx: click.Context, strategy: str) -> None:
+    """A usage error for each strategy option given on the command line that the chosen strategy has not."""
+    misplaced: dict[tuple[str, ...], list[str]] = {}
+    for name, (_, strategies) in CONFIG_OPTIONS.items():
+        source = ctx.get_parameter_source(name)
+        if strategy not in strategies and source not in (None, click.core.ParameterSource.DEFAULT):
+            misplaced.setdefault(tuple(strategies), []).append(option_flag(name))
+    if misplaced:
+        raise click.UsageError("; ".join(
+            f"{', '.join(flags)} only appl{'ies' if len(flags) == 1 else 'y'} to --strategy {_strategies_phrase(s)}"
+            for s, flags in misplaced.items()))  # fmt: skip
+
+
+def flag_errors(fn):
+    """Name the option behind a strategy's ConfigError (`--max-len: ...`)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            raise AdvsearchError(f"{option_flag(e.field)}: {e}") from None
+
+    return wrapper
+
+
+def build_config(strategy: str, run_level: dict, options: dict):
+    """The config of `strategy` from the run-level options (None: the strategy's default) and its own options."""
+    config_class = STRATEGY_CONFIGS[strategy]
+    values = {k: v for k, v in run_level.items() if v is not None} | options
+    own = {}
+    for f in fields(config_class):
+        if f.name in values:
+            v = values[f.name]
+            own[f.name] = (v.split(",") if v else None) if f.metadata.get("csv") else v
+    return config_class(**own)
 
 
 @main.command()
 @click.option("--strategy", type=click.Choice(STRATEGY_NAMES), default="random", show_default=True)
 @model_option
 @click.option("--budget", type=click.IntRange(min=1), default=10_000, show_default=True,
-              help="Sequences to evaluate (guided, random, local, optuna).")
-@click.option("--max-len", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Longest prefix, in tokens after '?' (exhaustive).")
-@click.option("--prefix-sharing/--no-prefix-sharing", default=True, show_default=True,
-              help="Exhaustive: compute each new prefix from its parent's cached keys/values.")
-@click.option("--seed", type=int, default=0, show_default=True)
+              help=_run_level_help("budget", "Sequences to evaluate"))
+@click.option("--seed", type=int, default=0, show_default=True, help=_run_level_help("seed", "Seed"))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default: results/<run-id>).")
 @device_option
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Sequences per batch (default 4096; exhaustive: prefixes per chunk, 65536; "
-                   "optuna: trials asked per batch, 128).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help=_batch_size_help())
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="A failure is 'confident' when p(predicted) is at least this.")
-@click.option("--length", type=int, default=None,
-              help="local/optuna: searched sequence length, '?' included (default: the model's n_ctx).")
-@click.option("--target-pos", type=int, default=None, help="local/optuna: aim at this position (default: any).")
-@click.option("--target-true", default=None, help="local/optuna: aim at failures whose truth is this character.")
-@click.option("--target-pred", default=None, help="local/optuna: aim at failures predicting this character.")
-@click.option("--cover-confusions", is_flag=True,
-              help="local/optuna: aim at every (true, predicted) pair; random: only keep the table. "
-                   "Writes confusions.csv and prints the coverage matrix.")
-@click.option("--cover-threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True,
-              help="A pair is covered by a witness with p_pred at least this.")
-@click.option("--two-position-moves/--no-two-position-moves", default=True, show_default=True,
-              help="local: try two-position moves at a local optimum before restarting.")
-@click.option("--sampler", type=click.Choice(["tpe", "ga", "gp", "random"]), default="tpe", show_default=True,
-              help="optuna: TPE (multivariate, constant liar), NSGA-II, GP (needs scipy) or random.")
-@click.option("--storage", default=None,
-              help="optuna: storage URL (sqlite:///FILE, postgresql://..., journal:FILE); workers sharing it join.")
-@click.option("--study-name", default=None, help="optuna: study to create or join (default: from length/target).")
-@click.option("--seed-from", type=click.Choice(["guided"]), default=None,
-              help="optuna: enqueue the guided strategy's first batch as the first trials.")
-@click.option("--families", default=None,
-              help="guided: comma-separated constructor families (default: all; see strategies/guided.py).")
+@config_options
 @click.option("--compare-random", is_flag=True,
               help="Also run the random baseline with the same budget and print the yield ratio.")
 @click.option("--explain/--no-explain", default=True, show_default=True,
@@ -78,32 +165,27 @@ STRATEGY_NAMES = ("random", "exhaustive", "guided", "local", "optuna")
 @click.option("--ray-address", default=None,
               help="--backend ray: the cluster to join (auto, HOST:PORT, ray://HOST:10001); default: a local Ray.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
 @handle_errors
+@flag_errors
 @eval_threads()  # from loading the checkpoint to the last row, the results do not depend on the thread count
-def run(strategy, model, budget, max_len, prefix_sharing, seed, out, device, batch_size, min_confidence, length,
-        target_pos, target_true, target_pred, cover_confusions, cover_threshold, two_position_moves, sampler,
-        storage, study_name, seed_from, families, compare_random, explain, minimize_rows, resume, overwrite,
-        backend, ray_address, quiet) -> None:  # fmt: skip
-    """Search for failures with a strategy and write failures.csv and summary.json."""
-    from strategies import RunConfig
+def run(ctx, strategy, model, budget, seed, out, device, batch_size, min_confidence, compare_random, explain,
+        minimize_rows, resume, overwrite, backend, ray_address, quiet, **options) -> None:  # fmt: skip
+    """Search for failures with a strategy and write failures.csv and summary.json.
 
+    The options whose help starts with strategy names (random/local/optuna: ...) are the fields of those
+    strategies' configs (advsearch/strategy_config.py), and apply to those strategies only.
+    """
     from .model import load_model
     from .runner import run_search
-    from .search import default_batch_size, prepare_search
+    from .search import prepare_search
 
     if resume and out is None:
         raise click.UsageError("--resume needs --out (the folder of the run to continue)")
-    adaptive = {"--length": length, "--target-pos": target_pos, "--target-true": target_true,
-                "--target-pred": target_pred, "--storage": storage, "--study-name": study_name,
-                "--seed-from": seed_from}  # fmt: skip
-    given = [k for k, v in adaptive.items() if v is not None]
-    if strategy not in ("local", "optuna") and given:
-        raise click.UsageError(f"{', '.join(given)} only apply to --strategy local or optuna")
-    if cover_confusions and strategy == "exhaustive":
-        raise click.UsageError("--cover-confusions applies to --strategy local, optuna or random")
+    _check_strategy_options(ctx, strategy)
     if backend == "ray" and strategy != "exhaustive":
         raise click.UsageError("--backend ray applies to --strategy exhaustive")
-    if backend == "ray" and not prefix_sharing:
+    if backend == "ray" and not options["shared_prefixes"]:
         raise click.UsageError("--backend ray shards the prefix-sharing tree; drop --no-prefix-sharing")
     if ray_address is not None and backend != "ray":
         raise click.UsageError("--ray-address needs --backend ray")
@@ -113,12 +195,7 @@ def run(strategy, model, budget, max_len, prefix_sharing, seed, out, device, bat
         from .scaleout import RayBackend
 
         ray_backend = RayBackend(ray_address, device)
-    config = RunConfig(budget=budget, seed=seed, max_len=max_len, batch_size=batch_size or default_batch_size(strategy),
-                       shared_prefixes=prefix_sharing, length=length, target_pos=target_pos,
-                       target_true=target_true, target_pred=target_pred, cover_confusions=cover_confusions,
-                       cover_threshold=cover_threshold, two_position_moves=two_position_moves, sampler=sampler,
-                       storage=storage, study_name=study_name, seed_from=seed_from, model_sha256=loaded.sha256,
-                       families=families.split(",") if families else None)  # fmt: skip
+    config = build_config(strategy, {"budget": budget, "seed": seed, "batch_size": batch_size}, options)
     search = prepare_search(loaded, strategy, config, device=device, explain=explain, minimize=minimize_rows)
     strat, evaluator = search.strategy, search.evaluator
     s = run_search(loaded, strat, out, evaluator, min_confidence=min_confidence, resume=resume, overwrite=overwrite,
@@ -126,7 +203,9 @@ def run(strategy, model, budget, max_len, prefix_sharing, seed, out, device, bat
                    backend=ray_backend)  # fmt: skip
     # Every file is written before the first line is printed: a reader that stops early (`| head -1`) ends the
     # output, not the work.
-    baseline = _compare_random(loaded, s, config, evaluator, min_confidence, quiet) if compare_random else None
+    baseline = None
+    if compare_random:
+        baseline = _compare_random(loaded, s, seed, config.batch_size, evaluator, min_confidence, quiet)
     if getattr(strat, "table", None) is not None:
         click.echo(strat.table.matrix())
     rate = s["failures"] / s["positions"] if s["positions"] else 0.0
@@ -147,16 +226,18 @@ def run(strategy, model, budget, max_len, prefix_sharing, seed, out, device, bat
         click.echo(f"         {Path(s['out_dir']) / name}")
 
 
-def _compare_random(loaded, s: dict, config, evaluator, min_confidence: float, quiet: bool) -> str:
+def _compare_random(loaded, s: dict, seed: int, batch_size: int, evaluator, min_confidence: float,
+                    quiet: bool) -> str:  # fmt: skip
     """Run the random baseline with the same budget into <out>/random-baseline, record the yield ratio in the
     summary and return the line that reports it."""
-    from strategies import RunConfig, make_strategy
+    from strategies import make_strategy
 
     from .results import write_json
     from .runner import run_search
+    from .strategy_config import RandomConfig
 
-    baseline = make_strategy("random", loaded.spec, RunConfig(budget=s["sequences"], seed=config.seed,
-                                                              batch_size=config.batch_size))  # fmt: skip
+    baseline = make_strategy("random", loaded.spec, RandomConfig(budget=s["sequences"], seed=seed,
+                                                                 batch_size=batch_size))  # fmt: skip
     b = run_search(loaded, baseline, Path(s["out_dir"]) / "random-baseline", evaluator,
                    min_confidence=min_confidence, overwrite=True, progress=not quiet)  # fmt: skip
     ratio = s["yield"] / b["yield"] if b["yield"] else float("inf")

@@ -21,9 +21,9 @@ import base64
 import torch
 
 from advsearch.confusions import ConfusionTable
-from advsearch.errors import AdvsearchError
 from advsearch.judge import Judged
 from advsearch.objectives import Scores, Target, score
+from advsearch.strategy_config import AdaptiveConfig, ConfigError
 
 from .base import Strategy
 
@@ -80,20 +80,21 @@ class AdaptiveStrategy(Strategy):
     """Base of the strategies that learn from verdicts; subclasses implement propose/observe."""
 
     WARMUP = 2048  # random sequences a coverage run starts with
+    config_class = AdaptiveConfig
 
-    def __init__(self, spec, config):
+    def __init__(self, spec, config: AdaptiveConfig):
         super().__init__(spec, config)
         self.length = config.length or spec.seq_len
         if not 2 <= self.length <= spec.seq_len:
-            raise AdvsearchError(f"the search length must be between 2 and {spec.seq_len}; got {self.length}")
+            raise ConfigError("length", f"the search length must be between 2 and {spec.seq_len}; got {self.length}")
         self.target = Target.parse(spec, config.target_pos, config.target_true, config.target_pred, self.length)
         self.done = 0  # sequences proposed and observed
         self.gen = torch.Generator().manual_seed(config.seed)
         self.table = self.schedule = None
         if config.cover_confusions:
             if not self.target.untargeted:
-                raise AdvsearchError("confusion coverage aims at every (true, predicted) pair itself; "
-                                     "it takes no target")  # fmt: skip
+                raise ConfigError("cover_confusions", "confusion coverage aims at every (true, predicted) pair "
+                                                      "itself; it takes no target")  # fmt: skip
             self.table = ConfusionTable(spec, config.cover_threshold)
             self.schedule = CoverSchedule(self.table, warmup=min(self.WARMUP, config.budget // 10))
 

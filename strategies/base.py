@@ -2,7 +2,7 @@
 
 A strategy is a generator of candidate batches that may learn from verdicts:
 
-    strategy = make_strategy("random", spec, RunConfig(budget=10_000, seed=0))
+    strategy = make_strategy("random", spec, RandomConfig(budget=10_000, seed=0))
     while (proposal := strategy.propose()) is not None:
         judged = judge(proposal.tokens, evaluator.logits(proposal.tokens), ...)
         strategy.observe(proposal, judged)       # adaptive strategies learn here
@@ -19,43 +19,56 @@ A strategy is a generator of candidate batches that may learn from verdicts:
   rows), e.g. the exhaustive census.
 - `total()` is the number of sequences the strategy will propose, if known
   (drives the progress bar).
+
+Each strategy's options are one small dataclass, its `config_class` (all of them in the torch-free
+`advsearch.strategy_config`, so that the command line is built from them without importing torch);
+`config_dict()` is the chosen config as recorded in summary.json. What a strategy computes rather
+than is told (the mechanism tables, the model's sha256, a seeding strategy) are constructor
+arguments, which `strategies.make_strategy` supplies.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
 
 from advsearch.judge import Judged
 from advsearch.spec import ModelSpec
+from advsearch.strategy_config import SampledConfig, config_dict
 
 
 @dataclass
 class RunConfig:
-    """Options a strategy may read; each strategy uses the ones it needs."""
+    """Legacy: the options of every strategy in one object. `make_strategy` and `prepare_search` still
+    accept it and split it into the chosen strategy's own config (plus `tables` and `model_sha256`,
+    which become constructor arguments); new code passes the strategy's config
+    (`advsearch.strategy_config`) instead."""
 
     budget: int = 10_000
     seed: int = 0
     max_len: int = 5
     batch_size: int = 4096
-    shared_prefixes: bool = True  # exhaustive: reuse parents' keys/values
-    families: list[str] | None = None  # guided: families to use (None: all)
-    tables: object | None = None  # guided: the model's MechanismTables (computed, never typed in)
-    # adaptive searches (local, optuna)
-    length: int | None = None  # searched sequence length, '?' included (None: the model's n_ctx)
-    target_pos: int | None = None  # targeted search: position, true char, predicted char (None: any)
+    shared_prefixes: bool = True
+    families: list[str] | None = None
+    tables: object | None = None
+    length: int | None = None
+    target_pos: int | None = None
     target_true: str | None = None
     target_pred: str | None = None
-    cover_confusions: bool = False  # aim at every (true, predicted) pair in turn; writes confusions.csv
-    cover_threshold: float = 0.9  # a pair is covered by a witness with p_pred >= this
-    two_position_moves: bool = True  # local: try two-position moves before restarting
-    sampler: str = "tpe"  # optuna: tpe | ga | gp | random
-    storage: str | None = None  # optuna: storage URL (sqlite:///..., journal file, postgresql://...)
+    cover_confusions: bool = False
+    cover_threshold: float = 0.9
+    two_position_moves: bool = True
+    sampler: str = "tpe"
+    storage: str | None = None
     study_name: str | None = None
-    seed_from: str | None = None  # optuna: strategy whose first batch is enqueued as the first trials
-    model_sha256: str | None = None  # optuna: recorded in the study, so workers with another model cannot join
+    seed_from: str | None = None
+    model_sha256: str | None = None
+
+    def split(self, config_class: type):
+        """The options of `config_class` taken from this legacy config."""
+        return config_class(**{f.name: getattr(self, f.name) for f in fields(config_class) if hasattr(self, f.name)})
 
 
 @dataclass
@@ -84,11 +97,17 @@ class Strategy:
 
     name: ClassVar[str] = ""
     extra_columns: ClassVar[tuple[str, ...]] = ()
-    needs_tables: ClassVar[bool] = False  # set RunConfig.tables (the mechanism tables) before making it
+    needs_tables: ClassVar[bool] = False  # its constructor takes the mechanism tables (`tables=`)
+    seeds: ClassVar[bool] = False  # a constructor strategy: its first batch can seed an Optuna study
+    config_class: ClassVar[type] = SampledConfig  # its options (advsearch.strategy_config)
 
-    def __init__(self, spec: ModelSpec, config: RunConfig):
+    def __init__(self, spec: ModelSpec, config):
         self.spec = spec
         self.config = config
+
+    def config_dict(self) -> dict:
+        """The options this strategy was made with (summary.json's `config`)."""
+        return config_dict(self.config)
 
     def params(self) -> dict:
         """The parameters that determine this strategy's output (recorded in summary.json)."""

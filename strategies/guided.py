@@ -38,9 +38,10 @@ from typing import Callable
 
 import torch
 
-from advsearch.errors import AdvsearchError
+from advsearch.strategy_config import ConfigError, GuidedConfig
 
 from .base import Proposal, Strategy
+
 
 class Constructor:
     """What a family may use: the tables' letter sets, the sequence length and a seeded rng."""
@@ -121,25 +122,29 @@ class GuidedStrategy(Strategy):
     name = "guided"
     extra_columns = ("family",)
     needs_tables = True
+    seeds = True
+    config_class = GuidedConfig
 
-    def __init__(self, spec, config):
+    def __init__(self, spec, config: GuidedConfig, *, tables):
+        """`tables`: the loaded model's `advsearch.mechanism.MechanismTables` (its letter sets)."""
         super().__init__(spec, config)
-        if config.tables is None:
-            raise AdvsearchError("the guided strategy needs the model's mechanism tables")
+        if tables is None:
+            raise TypeError("the guided strategy needs the model's mechanism tables (tables=...)")
         names = config.families or list(FAMILIES)
         unknown = [f for f in names if f not in FAMILIES]
         if unknown:
-            raise AdvsearchError(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
-                                 f"choose from {', '.join(FAMILIES)}")  # fmt: skip
+            raise ConfigError("families", f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                                          f"choose from {', '.join(FAMILIES)}")  # fmt: skip
         self.families = names
+        self.mechanism = tables
         self.rng = random.Random(config.seed)
-        self.builder = Constructor(config.tables, spec.n_letters, spec.qmark, spec.seq_len, self.rng)
+        self.builder = Constructor(tables, spec.n_letters, spec.qmark, spec.seq_len, self.rng)
         self.done = 0
         self.counts = {f: {"family": f, "sequences": 0, "confident_failures": 0, "yield": 0.0} for f in names}
 
     def params(self) -> dict:
         return {"seed": self.config.seed, "budget": self.config.budget, "families": self.families,
-                "tables_sha256": self.config.tables.sha256}  # fmt: skip
+                "tables_sha256": self.mechanism.sha256}  # fmt: skip
 
     def total(self) -> int:
         return self.config.budget

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from advsearch.strategy_config import LocalConfig
 from advsearch.tokens import one_letter_neighbours
 
 from .adaptive import AdaptiveStrategy
@@ -73,10 +74,11 @@ def double_moves(current: torch.Tensor, n_letters: int, count: int, gen: torch.G
 
 class LocalStrategy(AdaptiveStrategy):
     name = "local"
+    config_class = LocalConfig
     RESTART_POOL = 256
     DOUBLE_POOL = 1024
 
-    def __init__(self, spec, config):
+    def __init__(self, spec, config: LocalConfig):
         super().__init__(spec, config)
         self.climbs: dict[str, Climb] = {}
         self._pending: tuple[str, tuple[int, int] | None] | None = None

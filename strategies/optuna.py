@@ -25,7 +25,8 @@ pair, named `<study-name>:<true>><pred>`, whose first trial is the best
 sequence known for that pair.
 
 `--seed-from guided` enqueues the guided strategy's first batch as the first
-trials of a new study (an error when no guided strategy is registered).
+trials of each new study: `strategies.make_strategy` builds that seeding
+strategy and passes it in (`OptunaStrategy(spec, config, seeder=...)`).
 
 Dead workers: with a shared storage, each worker keeps its in-flight trials
 (asked, not yet told) alive with Optuna's heartbeat: one beat as each trial is
@@ -53,16 +54,14 @@ import threading
 import time
 import uuid
 import warnings
-from dataclasses import replace
-
 import torch
 
 from advsearch.errors import AdvsearchError
+from advsearch.strategy_config import SAMPLERS, ConfigError, OptunaConfig
 
 from .adaptive import AdaptiveStrategy
-from .base import Proposal
+from .base import Proposal, Strategy
 
-SAMPLERS = ("tpe", "ga", "gp", "random")
 JOURNAL_SUFFIXES = (".journal", ".log", ".jsonl")
 HEARTBEAT_INTERVAL = 5  # seconds between beats of a worker's in-flight trials (an int: RDBStorage wants one)
 GRACE_PERIOD = 30  # seconds without a beat after which a running trial counts as its worker's death
@@ -160,12 +159,12 @@ def make_sampler(name: str, seed: int):
         try:
             import scipy  # noqa: F401
         except ImportError:
-            raise AdvsearchError("--sampler gp needs scipy, which is not installed "
-                                 "(pip install scipy, or advsearch[gp])") from None
+            raise ConfigError("sampler", "the GP sampler needs scipy, which is not installed "
+                                         "(pip install scipy, or advsearch[gp])") from None
         return optuna.samplers.GPSampler(seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    raise AdvsearchError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+    raise ConfigError("sampler", f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
 
 
 def open_storage(url: str | None):
@@ -177,25 +176,31 @@ def open_storage(url: str | None):
         if url.startswith("journal:") or ("://" not in url and url.endswith(JOURNAL_SUFFIXES)):
             return heartbeat_journal_storage(url.removeprefix("journal:").removeprefix("//"))
         if "://" not in url:
-            raise AdvsearchError(f"--storage {url!r}: use sqlite:///FILE, postgresql://..., or a journal file "
-                                 "(journal:PATH or a path ending in .journal/.log)")  # fmt: skip
+            raise ConfigError("storage", f"Optuna storage {url!r} is not sqlite:///FILE, postgresql://... or a "
+                                         "journal file (journal:PATH or a path ending in .journal/.log)")  # fmt: skip
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
                                           grace_period=GRACE_PERIOD)  # fmt: skip
     except AdvsearchError:
         raise
     except Exception as e:  # a bad URL, a missing driver, an unreachable server
-        raise AdvsearchError(f"cannot open --storage {url!r}: {type(e).__name__}: {e}") from None
+        raise ConfigError("storage", f"cannot open Optuna storage {url!r}: {type(e).__name__}: {e}") from None
 
 
 class OptunaStrategy(AdaptiveStrategy):
     name = "optuna"
+    config_class = OptunaConfig
 
-    def __init__(self, spec, config):
+    def __init__(self, spec, config: OptunaConfig, *, model_sha256: str | None = None,
+                 seeder: Strategy | None = None):  # fmt: skip
+        """`model_sha256`: recorded in each study, so that workers with another model cannot join it;
+        `seeder`: a strategy whose first batch becomes the first trials of each new study."""
         super().__init__(spec, config)
         self.optuna = _optuna()
+        self.model_sha256, self.seeder = model_sha256, seeder
+        self._seeds: list[str] | None = None  # the seeder's first batch, once drawn
         if config.sampler not in SAMPLERS:
-            raise AdvsearchError(f"unknown sampler {config.sampler!r}; choose from {', '.join(SAMPLERS)}")
+            raise ConfigError("sampler", f"unknown sampler {config.sampler!r}; choose from {', '.join(SAMPLERS)}")
         make_sampler(config.sampler, config.seed)  # fail early (e.g. gp without scipy)
         self.storage = open_storage(config.storage)
         self.letters = list(spec.vocab[: spec.n_letters])
@@ -216,10 +221,10 @@ class OptunaStrategy(AdaptiveStrategy):
     # -- studies -------------------------------------------------------------------------------
     def _attrs(self, target) -> dict:
         attrs = {"length": self.length, "vocab": self.spec.vocab, "target": target.describe(self.spec)}
-        return attrs | ({"model_sha256": self.config.model_sha256} if self.config.model_sha256 else {})
+        return attrs | ({"model_sha256": self.model_sha256} if self.model_sha256 else {})
 
     def study(self, name: str, target, start: str | None = None):
-        """Create or join study `name`; a new one gets `start` (and --seed-from) as first trials."""
+        """Create or join study `name`; a new one gets `start` (and the seeder's batch) as first trials."""
         if name in self.studies:
             return self.studies[name]
         try:
@@ -231,8 +236,8 @@ class OptunaStrategy(AdaptiveStrategy):
         attrs = self._attrs(target)
         found = {k: study.user_attrs[k] for k in attrs if k in study.user_attrs}
         if any(found[k] != attrs[k] for k in found):
-            raise AdvsearchError(f"study {name!r} in {self.config.storage} was made with other settings ({found}); "
-                                 f"this run has {attrs}: pick another --study-name")  # fmt: skip
+            raise ConfigError("study_name", f"study {name!r} in {self.config.storage} was made with other settings "
+                                            f"({found}); this run has {attrs}: pick another study name")  # fmt: skip
         self.optuna.storages.fail_stale_trials(study)  # trials of dead workers (a no-op without a heartbeat)
         fresh = len(study.trials) == 0 and name not in self.log
         for k, v in attrs.items():
@@ -246,21 +251,17 @@ class OptunaStrategy(AdaptiveStrategy):
         return study
 
     def _seed_sequences(self) -> list[str]:
-        if not self.config.seed_from:
+        """The seeder's first batch, cut to the searched length (drawn once: every new study gets the same)."""
+        if self.seeder is None:
             return []
-        from . import STRATEGIES
-
-        name = self.config.seed_from
-        if name not in STRATEGIES or name in ("optuna", "random", "exhaustive"):
-            have = ", ".join(STRATEGIES)
-            raise AdvsearchError(f"--seed-from {name}: no such constructor strategy in this build (strategies: {have})")
-        seeder = STRATEGIES[name](self.spec, replace(self.config, budget=self.config.batch_size, seed_from=None))
-        proposal = seeder.propose()
-        rows = [] if proposal is None else proposal.tokens
-        seqs = [self.spec.decode(r[: self.length]) for r in rows if len(r) >= self.length]
-        if not seqs:
-            raise AdvsearchError(f"--seed-from {name}: it proposed no sequence of length {self.length}")
-        return seqs
+        if self._seeds is None:
+            proposal = self.seeder.propose()
+            rows = [] if proposal is None else proposal.tokens
+            self._seeds = [self.spec.decode(r[: self.length]) for r in rows if len(r) >= self.length]
+        if not self._seeds:
+            raise ConfigError("seed_from", f"the seeding strategy {self.seeder.name!r} proposed no sequence of "
+                                           f"length {self.length}")  # fmt: skip
+        return self._seeds
 
     def _params(self, seq: str) -> dict:
         return dict(zip(self.names, seq[1:]))

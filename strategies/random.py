@@ -11,14 +11,16 @@ from __future__ import annotations
 import torch
 
 from advsearch.confusions import ConfusionTable
+from advsearch.strategy_config import RandomConfig
 
 from .base import Proposal, Strategy
 
 
 class RandomStrategy(Strategy):
     name = "random"
+    config_class = RandomConfig
 
-    def __init__(self, spec, config):
+    def __init__(self, spec, config: RandomConfig):
         super().__init__(spec, config)
         self.done = 0  # sequences proposed and observed
         self.gen = torch.Generator().manual_seed(config.seed)

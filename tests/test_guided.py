@@ -9,7 +9,8 @@ from advsearch.judge import judge
 from advsearch.mechanism import compute_tables
 from advsearch.oracle import first_unique
 from advsearch.spec import ModelSpec
-from strategies import RunConfig, make_strategy
+from advsearch.strategy_config import STRATEGY_CONFIGS, GuidedConfig
+from strategies import make_strategy
 from strategies.guided import FAMILIES
 
 SPEC = ModelSpec()
@@ -21,8 +22,8 @@ def fake_tables(sets):
 
 
 def sequences(tables, family, n=200, seed=0, batch_size=64):
-    s = make_strategy("guided", SPEC, RunConfig(budget=n, seed=seed, batch_size=batch_size, families=[family],
-                                                  tables=tables))  # fmt: skip
+    s = make_strategy("guided", SPEC, GuidedConfig(budget=n, seed=seed, batch_size=batch_size, families=[family]),
+                      tables=tables)  # fmt: skip
     out = []
     while (p := s.propose()) is not None:
         s.observe(p, judge(p.tokens, torch.zeros(*p.tokens.shape, 11), 10))
@@ -129,31 +130,31 @@ def test_guided_is_seeded_batch_size_independent_and_resumable():
     a = sequences(tables, "overload", seed=1, batch_size=50)
     assert torch.equal(a, sequences(tables, "overload", seed=1, batch_size=7))
     assert not torch.equal(a, sequences(tables, "overload", seed=2))
-    config = RunConfig(budget=120, seed=3, batch_size=40, tables=tables)
-    whole = make_strategy("guided", SPEC, config)
+    config = GuidedConfig(budget=120, seed=3, batch_size=40)
+    whole = make_strategy("guided", SPEC, config, tables=tables)
     rows = []
     while (p := whole.propose()) is not None:
         whole.observe(p, judge(p.tokens, torch.zeros(*p.tokens.shape, 11), 10))
         rows.append(p.tokens)
-    cut = make_strategy("guided", SPEC, config)
+    cut = make_strategy("guided", SPEC, config, tables=tables)
     p = cut.propose()
     cut.observe(p, judge(p.tokens, torch.zeros(*p.tokens.shape, 11), 10))
-    resumed = make_strategy("guided", SPEC, config)
+    resumed = make_strategy("guided", SPEC, config, tables=tables)
     resumed.load_state_dict(cut.state_dict())
     assert torch.equal(resumed.propose().tokens, rows[1])
 
 
 def test_unknown_family_is_a_clear_error():
     with pytest.raises(AdvsearchError, match="unknown family nope"):
-        make_strategy("guided", SPEC, RunConfig(families=["nope"], tables=fake_tables([list(range(10))])))
+        make_strategy("guided", SPEC, GuidedConfig(families=["nope"]), tables=fake_tables([list(range(10))]))
 
 
 def test_guided_beats_random_on_the_challenge_model(challenge):
     ev = Evaluator(challenge.weights, "cpu")
-    config = RunConfig(budget=2000, seed=0, batch_size=1000, tables=compute_tables(challenge))
+    tables = compute_tables(challenge)
     yields = {}
     for name in ("guided", "random"):
-        s = make_strategy(name, SPEC, config)
+        s = make_strategy(name, SPEC, STRATEGY_CONFIGS[name](budget=2000, seed=0, batch_size=1000), tables=tables)
         hits = 0
         while (p := s.propose()) is not None:
             j = judge(p.tokens, ev.logits(p.tokens), 10)

@@ -9,7 +9,8 @@ from advsearch.evaluator import Evaluator
 from advsearch.judge import judge
 from advsearch.objectives import Target, score
 from advsearch.spec import ModelSpec
-from strategies import RunConfig, make_strategy
+from advsearch.strategy_config import STRATEGY_CONFIGS, LocalConfig
+from strategies import make_strategy
 
 from .conftest import drive
 from advsearch.tokens import one_letter_neighbours
@@ -38,12 +39,12 @@ def test_neighbourhoods_are_exact():
 
 
 def test_local_finds_failures_and_is_deterministic(ev):
-    config = RunConfig(budget=1500, seed=3)
+    config = LocalConfig(budget=1500, seed=3)
     a, b = make_strategy("local", SPEC, config), make_strategy("local", SPEC, config)
     pa, pb = drive(a, ev), drive(b, ev)
     assert sum(len(p.tokens) for p in pa) == 1500
     assert all(torch.equal(x.tokens, y.tokens) for x, y in zip(pa, pb, strict=True))
-    other = drive(make_strategy("local", SPEC, RunConfig(budget=1500, seed=4)), ev)
+    other = drive(make_strategy("local", SPEC, LocalConfig(budget=1500, seed=4)), ev)
     assert not torch.equal(pa[0].tokens, other[0].tokens)
     climb = a.climbs["run"]
     # it climbed to a failure: the endpoint's untargeted margin is positive, checked independently
@@ -57,7 +58,7 @@ def test_local_finds_failures_and_is_deterministic(ev):
 
 
 def test_climb_scores_never_decrease_between_restarts(ev):
-    strategy = make_strategy("local", SPEC, RunConfig(budget=3000, seed=1, length=10))
+    strategy = make_strategy("local", SPEC, LocalConfig(budget=3000, seed=1, length=10))
     seen = []
     while (p := strategy.propose()) is not None:
         assert p.tokens.shape[1] == 10 and (p.tokens[:, 0] == SPEC.qmark).all()
@@ -71,7 +72,7 @@ def test_climb_scores_never_decrease_between_restarts(ev):
 
 
 def test_targeted_local_search_hits_its_target(ev):
-    config = RunConfig(budget=2000, seed=0, length=12, target_true="b", target_pred="f")
+    config = LocalConfig(budget=2000, seed=0, length=12, target_true="b", target_pred="f")
     strategy = make_strategy("local", SPEC, config)
     props = drive(strategy, ev)
     allt = torch.cat([p.tokens for p in props])
@@ -82,7 +83,7 @@ def test_targeted_local_search_hits_its_target(ev):
 
 
 def test_local_resume_continues_the_same_trajectory(ev):
-    config = RunConfig(budget=1200, seed=9, cover_confusions=True)
+    config = LocalConfig(budget=1200, seed=9, cover_confusions=True)
     full = drive(make_strategy("local", SPEC, config), ev)
     first = make_strategy("local", SPEC, config)
     drive(first, ev, limit=5)
@@ -96,9 +97,9 @@ def test_local_resume_continues_the_same_trajectory(ev):
 
 def test_options_are_validated():
     with pytest.raises(AdvsearchError, match="length must be between 2 and 20"):
-        make_strategy("local", SPEC, RunConfig(length=21))
+        make_strategy("local", SPEC, LocalConfig(length=21))
     with pytest.raises(AdvsearchError, match="takes no target"):
-        make_strategy("local", SPEC, RunConfig(cover_confusions=True, target_pred="a"))
+        make_strategy("local", SPEC, LocalConfig(cover_confusions=True, target_pred="a"))
 
 
 # ---- confusion coverage ---------------------------------------------------------------------
@@ -139,7 +140,7 @@ def test_coverage_witnesses_are_real_and_local_beats_random(ev):
     budget = 4000
     runs = {}
     for name in ("local", "random"):
-        strategy = make_strategy(name, SPEC, RunConfig(budget=budget, seed=0, cover_confusions=True))
+        strategy = make_strategy(name, SPEC, STRATEGY_CONFIGS[name](budget=budget, seed=0, cover_confusions=True))
         drive(strategy, ev)
         runs[name] = strategy.table
     table = runs["local"]

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -14,7 +15,8 @@ from advsearch.errors import AdvsearchError
 from advsearch.evaluator import Evaluator
 from advsearch.objectives import score
 from advsearch.spec import ModelSpec
-from strategies import RunConfig, make_strategy
+from advsearch.strategy_config import OptunaConfig
+from strategies import make_strategy
 
 from .conftest import drive
 from strategies.base import Proposal, Strategy
@@ -47,7 +49,7 @@ def trials_of(strategy, state=COMPLETE):
 
 
 def test_batches_are_one_evaluator_call_and_trials_hold_their_scores(ev):
-    strategy = make_strategy("optuna", SPEC, RunConfig(budget=40, batch_size=16, seed=0, length=12))
+    strategy = make_strategy("optuna", SPEC, OptunaConfig(budget=40, batch_size=16, seed=0, length=12))
     before = ev.calls
     props = drive(strategy, ev)
     assert [len(p.tokens) for p in props] == [16, 16, 8] and ev.calls - before == 3
@@ -64,30 +66,30 @@ def test_batches_are_one_evaluator_call_and_trials_hold_their_scores(ev):
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
 def test_storage_joins_and_resumes_after_an_interruption(tmp_path, ev, kind):
     url = f"journal:{tmp_path}/s.journal" if kind == "journal" else f"sqlite:///{tmp_path}/s.db"
-    cfg = RunConfig(budget=32, batch_size=16, seed=0, length=8, storage=url, study_name="shared")
+    cfg = OptunaConfig(budget=32, batch_size=16, seed=0, length=8, storage=url, study_name="shared")
     a = make_strategy("optuna", SPEC, cfg)
     drive(a, ev)
-    b = make_strategy("optuna", SPEC, RunConfig(**{**cfg.__dict__, "seed": 1}))
+    b = make_strategy("optuna", SPEC, replace(cfg, seed=1))
     drive(b, ev, limit=1)
     state = json.loads(json.dumps(b.state_dict()))
     b.propose()  # interrupted: asked, never told
     study = optuna.load_study(study_name="shared", storage=open_storage(url))
     assert len(study.get_trials(states=(COMPLETE,))) == 48
     assert len(study.get_trials(states=(optuna.trial.TrialState.RUNNING,))) == 16
-    resumed = make_strategy("optuna", SPEC, RunConfig(**{**cfg.__dict__, "seed": 1}))
+    resumed = make_strategy("optuna", SPEC, replace(cfg, seed=1))
     resumed.load_state_dict(state)
     drive(resumed, ev)
     study = optuna.load_study(study_name="shared", storage=open_storage(url))
     assert len(study.get_trials(states=(COMPLETE,))) == 64  # both workers' budgets, in one study
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))  # stale trials were failed
     assert study.user_attrs["length"] == 8
-    other = make_strategy("optuna", SPEC, RunConfig(**{**cfg.__dict__, "length": 9}))
+    other = make_strategy("optuna", SPEC, replace(cfg, length=9))
     with pytest.raises(AdvsearchError, match="other settings"):
         other.propose()
 
 
 def test_in_memory_resume_rebuilds_the_study(ev):
-    cfg = RunConfig(budget=48, batch_size=16, seed=2, length=10)
+    cfg = OptunaConfig(budget=48, batch_size=16, seed=2, length=10)
     first = make_strategy("optuna", SPEC, cfg)
     drive(first, ev, limit=2)
     resumed = make_strategy("optuna", SPEC, cfg)
@@ -102,7 +104,7 @@ def test_in_memory_resume_rebuilds_the_study(ev):
 
 @pytest.mark.parametrize("sampler", ["ga", "random"])
 def test_other_samplers_run(ev, sampler):
-    strategy = make_strategy("optuna", SPEC, RunConfig(budget=24, batch_size=12, sampler=sampler, length=6))
+    strategy = make_strategy("optuna", SPEC, OptunaConfig(budget=24, batch_size=12, sampler=sampler, length=6))
     drive(strategy, ev)
     assert len(trials_of(strategy)) == 24
 
@@ -120,7 +122,7 @@ def test_gp_sampler_proposes_trials(ev, monkeypatch):
         return params
 
     monkeypatch.setattr(optuna.samplers.GPSampler, "sample_relative", counting)
-    strategy = make_strategy("optuna", SPEC, RunConfig(budget=12, batch_size=2, sampler="gp", length=3, seed=0))
+    strategy = make_strategy("optuna", SPEC, OptunaConfig(budget=12, batch_size=2, sampler="gp", length=3, seed=0))
     drive(strategy, ev)
     assert len(trials_of(strategy)) == 12
     assert proposed.count(True) >= 2, proposed  # the trials after the 10 start-up ones came from the GP
@@ -133,11 +135,11 @@ def test_gp_sampler_without_scipy_is_a_clear_error(monkeypatch):
     with pytest.raises(AdvsearchError, match="scipy"):
         make_sampler("gp", 0)
     with pytest.raises(AdvsearchError, match="scipy"):
-        make_strategy("optuna", SPEC, RunConfig(budget=4, sampler="gp"))
+        make_strategy("optuna", SPEC, OptunaConfig(budget=4, sampler="gp"))
 
 
 def test_bad_storage_is_one_clear_error(tmp_path):
-    with pytest.raises(AdvsearchError, match="--storage"):
+    with pytest.raises(AdvsearchError, match="is not sqlite"):
         open_storage(str(tmp_path / "x.db"))
     with pytest.raises(AdvsearchError, match="cannot open"):
         open_storage("nosuchdb://x")
@@ -148,20 +150,21 @@ def test_seed_from_enqueues_the_constructor_batch_first(ev, monkeypatch):
 
     class Fixed(Strategy):
         name = "fixed"
+        seeds = True
 
         def propose(self):
             return Proposal(torch.stack([SPEC.encode(s) for s in fixed]))
 
     monkeypatch.setitem(strategies.STRATEGIES, "fixed", Fixed)
-    strategy = make_strategy("optuna", SPEC, RunConfig(budget=16, batch_size=8, length=9, seed_from="fixed"))
+    strategy = make_strategy("optuna", SPEC, OptunaConfig(budget=16, batch_size=8, length=9, seed_from="fixed"))
     first = strategy.propose()
     assert [SPEC.decode(r) for r in first.tokens[:3]] == fixed
-    with pytest.raises(AdvsearchError, match="seed-from nothing"):
-        make_strategy("optuna", SPEC, RunConfig(budget=16, seed_from="nothing")).propose()
+    with pytest.raises(AdvsearchError, match="cannot seed a search from 'nothing'"):
+        make_strategy("optuna", SPEC, OptunaConfig(budget=16, seed_from="nothing")).propose()
 
 
 def test_cover_mode_keeps_one_study_per_pair(ev):
-    strategy = make_strategy("optuna", SPEC, RunConfig(budget=800, batch_size=32, cover_confusions=True))
+    strategy = make_strategy("optuna", SPEC, OptunaConfig(budget=800, batch_size=32, cover_confusions=True))
     drive(strategy, ev)
     assert strategy.table.evaluations == 800
     names = list(strategy.studies)
@@ -174,20 +177,21 @@ def test_cover_mode_keeps_one_study_per_pair(ev):
 def test_a_worker_with_another_model_cannot_join(tmp_path, ev):
     url = f"journal:{tmp_path}/m.journal"
     cfg = dict(budget=8, batch_size=8, length=6, storage=url, study_name="m")
-    drive(make_strategy("optuna", SPEC, RunConfig(**cfg, model_sha256="aaa")), ev)
-    drive(make_strategy("optuna", SPEC, RunConfig(**cfg, model_sha256="aaa", seed=1)), ev)
+    drive(make_strategy("optuna", SPEC, OptunaConfig(**cfg), model_sha256="aaa"), ev)
+    drive(make_strategy("optuna", SPEC, OptunaConfig(**cfg, seed=1), model_sha256="aaa"), ev)
     with pytest.raises(AdvsearchError, match="other settings"):
-        make_strategy("optuna", SPEC, RunConfig(**cfg, model_sha256="bbb")).propose()
+        make_strategy("optuna", SPEC, OptunaConfig(**cfg), model_sha256="bbb").propose()
 
 
 # A worker that asks one batch of 8 trials and never tells them (it is killed first); beats every second.
 ASK_AND_HANG = """import sys, time
 import strategies.optuna as o
 from advsearch.spec import ModelSpec
-from strategies import RunConfig, make_strategy
+from advsearch.strategy_config import OptunaConfig
+from strategies import make_strategy
 o.HEARTBEAT_INTERVAL = 1
-s = make_strategy("optuna", ModelSpec(), RunConfig(budget=8, batch_size=8, length=6, storage=sys.argv[1],
-                                                   study_name="hb"))
+s = make_strategy("optuna", ModelSpec(), OptunaConfig(budget=8, batch_size=8, length=6, storage=sys.argv[1],
+                                                      study_name="hb"))
 s.propose()
 print(s.worker, flush=True)
 time.sleep(600)
@@ -211,8 +215,8 @@ def test_trials_of_a_killed_worker_are_failed_once_their_heartbeat_is_stale(kind
         def trials(state):
             return optuna.load_study(study_name="hb", storage=storage).get_trials(states=(state,))
 
-        other = make_strategy("optuna", SPEC, RunConfig(budget=64, batch_size=8, seed=1, length=6, storage=url,
-                                                        study_name="hb"))  # fmt: skip
+        other = make_strategy("optuna", SPEC, OptunaConfig(budget=64, batch_size=8, seed=1, length=6, storage=url,
+                                                           study_name="hb"))  # fmt: skip
         time.sleep(grace + 0.5)
         drive(other, ev, limit=1)  # joins and fails stale trials; the live worker's beats keep its batch running
         assert len(trials(optuna.trial.TrialState.RUNNING)) == 8
