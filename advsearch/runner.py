@@ -62,17 +62,49 @@ class Step:
     hits: int  # sequences with a failure at p_pred >= YIELD_CONFIDENCE
 
 
+def _decoded_rows(tokens: torch.Tensor, spec) -> tuple[str, int] | None:
+    """Every row of `tokens` [batch, seq] decoded into one string (row b at [b * seq, (b + 1) * seq)), and seq.
+
+    A token is one character of `spec.vocab` (a str), so a prefix of a row decodes to the prefix of its
+    text: `text[b * seq : b * seq + k + 1] == spec.decode(tokens[b, : k + 1])`. None when the ids do
+    not fit in a byte (then rows are decoded one by one).
+    """
+    vocab = spec.vocab
+    if not isinstance(vocab, str) or len(vocab) > 256 or not len(tokens):
+        return None
+    table = {i: c for i, c in enumerate(vocab)}
+    return tokens.to(torch.uint8).numpy().tobytes().decode("latin-1").translate(table), tokens.shape[1]
+
+
 def candidate_rows(judged: Judged, proposal, spec, run_id: str, strategy: str) -> list[dict]:
-    """One row per judged failure, in (row, position) order; the same prefix may come more than once."""
-    rows = []
-    for b, k in judged.failing().tolist():
-        rows.append({
-            "run_id": run_id, "strategy": strategy, "sequence": spec.decode(judged.tokens[b, : k + 1].tolist()),
-            "position": k, "true": spec.vocab[int(judged.true[b, k])], "predicted": spec.vocab[int(judged.pred[b, k])],
-            "p_true": float(judged.p_true[b, k]), "p_pred": float(judged.p_pred[b, k]),
-            "margin": float(judged.margin[b, k]), "confident": bool(judged.confident[b, k]),
-            **{c: v[b] for c, v in proposal.columns.items()},
-        })  # fmt: skip
+    """One row per judged failure, in (row, position) order; the same prefix may come more than once.
+
+    The failing entries of each tensor are gathered and converted to Python values in one call per
+    column (`tolist` gives the same Python floats, ints and bools as reading the elements one by one),
+    and the tokens are decoded in one call.
+    """
+    fail = judged.failing()
+    if not len(fail):
+        return []
+    b, k = fail.unbind(1)
+    columns = [t[b, k].tolist() for t in (judged.true, judged.pred, judged.p_true, judged.p_pred, judged.margin,
+                                          judged.confident)]  # fmt: skip
+    b, k = b.tolist(), k.tolist()
+    decoded = _decoded_rows(judged.tokens, spec)
+    if decoded is not None:
+        text, seq = decoded
+        sequences = [text[bi * seq : bi * seq + ki + 1] for bi, ki in zip(b, k)]
+    else:
+        sequences = [spec.decode(judged.tokens[bi, : ki + 1].tolist()) for bi, ki in zip(b, k)]
+    vocab, extra = spec.vocab, list(proposal.columns.items())
+    rows = [
+        {"run_id": run_id, "strategy": strategy, "sequence": sequence, "position": ki, "true": vocab[t],
+         "predicted": vocab[p], "p_true": pt, "p_pred": pp, "margin": m, "confident": c}
+        for sequence, ki, t, p, pt, pp, m, c in zip(sequences, k, *columns)
+    ]  # fmt: skip
+    for c, v in extra:
+        for row, bi in zip(rows, b):
+            row[c] = v[bi]
     return rows
 
 
