@@ -15,7 +15,7 @@ the strategy an Optuna study is seeded from) is passed to its constructor as arg
 here: see `strategies.make_strategy`.
 """
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 from .errors import AdvsearchError
 
@@ -122,4 +122,4 @@ def config_fields(config_class: type) -> dict[str, object]:
 
 def config_dict(config) -> dict:
     """A config as a JSON-serialisable dict (what summary.json records)."""
-    return asdict(config)
+    return asdict(config) if is_dataclass(config) else dict(vars(config))

@@ -43,7 +43,7 @@ def test_optuna_workers_join_one_study_through_the_cli(tmp_path, challenge_path)
 
 def test_search_options_are_checked(tmp_path, challenge_path):
     r = invoke("run", "--strategy", "random", "--target-true", "a", "--model", challenge_path)
-    assert r.exit_code == 2 and "only apply to --strategy local or optuna" in r.output
+    assert r.exit_code == 2 and "--target-true only applies to --strategy local or optuna" in r.output
     r = invoke("run", "--strategy", "exhaustive", "--cover-confusions", "--model", challenge_path)
     assert r.exit_code == 2
     r = invoke("run", "--strategy", "optuna", "--storage", "nowhere", "--model", challenge_path,
@@ -91,7 +91,7 @@ def made_strategies(monkeypatch):
 def test_every_config_option_is_in_run_help_and_reaches_the_strategy(tmp_path, monkeypatch):
     from dataclasses import fields
 
-    from advsearch.cli import option_flag
+    from advsearch.cli import CONFIG_OPTIONS, RUN_LEVEL_FIELDS, option_flag
     from advsearch.strategy_config import STRATEGY_CONFIGS
 
     help_text = invoke("run", "--help").output
@@ -101,6 +101,8 @@ def test_every_config_option_is_in_run_help_and_reaches_the_strategy(tmp_path, m
             assert f.name in OPTION_VALUES, f"give {name}'s new option {f.name} a test value here"
             flag = option_flag(f.name)
             assert flag in help_text, flag
+            if f.name not in RUN_LEVEL_FIELDS:  # one option serves every strategy with the field: one default
+                assert CONFIG_OPTIONS[f.name][0].default == f.default, (name, f.name)
             given, expected = (str(v).format(tmp=tmp_path) if isinstance(v, str) else v for v in OPTION_VALUES[f.name])
             assert expected != f.default, f.name
             args = [flag, given] if given is not None else [flag if expected is True else f"--no-{flag[2:]}"]

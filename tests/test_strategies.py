@@ -86,10 +86,11 @@ def test_prefix_sharing_resumes_from_saved_state(challenge):
 
 
 def test_each_strategy_owns_the_config_the_cli_builds_its_options_from():
-    from advsearch.strategy_config import STRATEGY_CONFIGS
+    from advsearch.strategy_config import SEED_FROM, STRATEGY_CONFIGS
     from strategies import STRATEGIES
 
     assert list(STRATEGY_CONFIGS) == list(STRATEGIES)
+    assert SEED_FROM == tuple(name for name, cls in STRATEGIES.items() if cls.seeds)  # --seed-from's choices
     for name, cls in STRATEGIES.items():
         assert cls.config_class is STRATEGY_CONFIGS[name]
         assert "tables" not in cls.config_class.__dataclass_fields__  # computed, passed to the constructor
