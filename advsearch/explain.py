@@ -35,12 +35,14 @@ Attribution (linear, from one clean run; `advsearch.paths`)
 Causal check (measured; `advsearch.paths.PathModel.run`)
     The explanation names the smallest set of components whose mean ablation
     makes the model answer t*, found by search over measured effects: every
-    single component (16 paths, 6 heads), then pairs and triples of the
-    components with the largest measured effects. At equal size a path is named
-    before a head (it says more), and among those that fix the failure the one
-    with the largest effect. `check` is `confirmed` when such a set exists,
-    `refuted` when none of up to `MAX_SET` components does (the named set is then
-    the best triple found), `none` for a correct position.
+    single component (16 paths, 6 heads), then sets of 2 to `MAX_SET` drawn from
+    the `PAIR_POOL` paths with the largest measured single effects, or from one
+    layer's heads. At equal size a path is named before a head (it says more),
+    and among those that fix the failure the one with the largest effect.
+    `check` is `confirmed` when such a set exists, `refuted` when no set of up to
+    `MAX_SET` components does (the named set is then the largest-effect one
+    tried), `none` for a correct position. The path forward runs in float64, so
+    a row's numbers do not depend on the other rows of its batch.
 
     Because the named set is found by search, `confirmed` alone says only that a
     few components suffice. The evidence is the *control*: the same number of
@@ -72,7 +74,7 @@ from .oracle import first_unique
 from .paths import PathModel
 
 MAX_SET = 4  # the largest component set the search tries
-PAIR_POOL = 6  # pairs and triples are drawn from this many paths (and all heads) with the largest effects
+PAIR_POOL = 6  # larger sets are drawn from this many paths (or one layer's heads) with the largest effects
 
 CATEGORIES = (
     "qmark_expected",
@@ -255,7 +257,9 @@ class Explainer:
             raise AdvsearchError(f"explanations need a 2-layer model; this one has {model.spec.n_layers} layers")
         self.spec = model.spec
         self.tables = tables if tables is not None else compute_tables(model)
-        self.paths = PathModel(model.weights, reference_batch(model.spec), device)
+        # float64: a row's numbers must not depend on which other rows share its batch (BLAS kernels
+        # round differently per batch shape), so that runs are byte-identical whatever their batching
+        self.paths = PathModel(model.weights, reference_batch(model.spec), device, dtype=torch.float64)
         self.comp = Components(model.spec.n_heads)
         self.q = self.spec.qmark
 
@@ -300,7 +304,7 @@ class Explainer:
 
         # search: every single component for every failing row, then pairs and triples where no smaller set fixes
         named: dict[int, tuple[tuple[int, ...], float, bool]] = {}  # row -> (set, effect, fixed)
-        eff1 = torch.zeros(B, len(comp.names))
+        eff1 = torch.zeros(B, len(comp.names), dtype=torch.float64)
         if failing:
             rows = torch.tensor(failing)
             n = len(comp.names)

@@ -120,7 +120,8 @@ class LoadedModel:
     def bridge(self):
         if self._bridge is None:
             state = self._state if self._state is not None else read_state_dict(self.path)
-            self._bridge = build_bridge(state, self.spec)
+            with torch.inference_mode(False):  # first use may come inside inference mode; the bridge must not
+                self._bridge = build_bridge(state, self.spec)
         return self._bridge
 
     @property

@@ -48,6 +48,7 @@ class PathRun:
     out1: torch.Tensor  # [B, H, d]: each layer-1 head's output at k
     resid: torch.Tensor  # [B, L, d]: the residual stream layer 1 reads
     deviation: torch.Tensor  # [B, S, L*d]: each source minus its mean
+    parts: tuple | None = None  # what `PathModel.ablate` precomputes once per batch
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:
@@ -61,9 +62,10 @@ def _scale(x: torch.Tensor, eps: float) -> torch.Tensor:
 class PathModel:
     """Path-level forward of a 2-layer attention-only model over its processed `Weights`."""
 
-    def __init__(self, weights: Weights, reference: torch.Tensor, device: str | torch.device = "cpu"):
+    def __init__(self, weights: Weights, reference: torch.Tensor, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):  # fmt: skip
         self.device = torch.device(device)
-        w = {k: (v.to(self.device, torch.float32) if isinstance(v, torch.Tensor) else v)
+        w = {k: (v.to(self.device, dtype) if isinstance(v, torch.Tensor) else v)
              for k, v in vars(weights).items()}  # fmt: skip
         self.w = w
         self.n_heads = w["W_Q"].shape[1]
@@ -72,8 +74,9 @@ class PathModel:
         self.n_dests = 1 + self.n_heads
         self.W_KV1 = torch.cat([w["W_K"][1], w["W_V"][1]], -1)  # [H, d, 2 d_head]
         self.b_KV1 = torch.cat([w["b_K"][1], w["b_V"][1]], -1)[:, None]  # [H, 1, 2 d_head]
-        self.mean_sources = torch.zeros(self.n_sources, w["W_pos"].shape[0], w["W_E"].shape[1], device=self.device)
-        self.mean_out1 = torch.zeros(self.n_heads, w["W_pos"].shape[0], w["W_E"].shape[1], device=self.device)
+        self.mean_sources = torch.zeros(self.n_sources, w["W_pos"].shape[0], w["W_E"].shape[1], device=self.device,
+                                        dtype=dtype)  # fmt: skip
+        self.mean_out1 = torch.zeros_like(self.mean_sources[1:])
         self.reference_scales = self._means(reference.to(self.device))
 
     # ---- the forward ---------------------------------------------------------------------
@@ -143,21 +146,39 @@ class PathModel:
     def ablate(self, clean: PathRun, rows: torch.Tensor, keep: torch.Tensor, keep_out: torch.Tensor) -> torch.Tensor:
         """Last-position logits [N, V] of the variants `rows` [N] of `clean`'s prefixes, with path keep
         masks `keep` [N, S, D] and layer-1 output keep masks `keep_out` [N, H]; a dropped path reads its
-        source's mean, a dropped output is its mean. Only the layer-1 heads whose input changed are
-        recomputed."""
+        source's mean, a dropped output is its mean.
+
+        Only the layer-1 heads whose input changed are recomputed, and without redoing their
+        projections: a head reads LayerNorm(resid − Σ dropped deviations), and since the LayerNorm
+        (weights folded) only centres and divides by a per-position scale, its queries, keys and values
+        are the same combination of the projected, centred parts divided by the combination's scale,
+        which their Gram matrix gives. `clean.parts` caches those per batch."""
         w, dev_ = self.w, self.device
         rows, drop, drop_out = rows.to(dev_), (~keep).to(dev_), (~keep_out).to(dev_)
-        L = clean.sources.shape[2]
-        dev, x = clean.deviation, clean.resid  # [B, S, L*d], [B, L, d]
-        d = x.shape[-1]
-        final = x[rows, -1] - (drop[:, :, 0, None].to(dev.dtype) * dev[rows, :, -d:]).sum(1)
+        B, S, L, d = clean.sources.shape
+        dh = self.d_head
+        dev = clean.deviation.view(B, S, L, d)
+        final = clean.resid[rows, -1] - (drop[:, :, 0, None].to(dev.dtype) * dev[rows, :, -1]).sum(1)
         out1 = clean.out1[rows].clone()  # [N, H, d]
+        if clean.parts is None:
+            parts = _centre(torch.cat([clean.resid[:, None], dev], 1))  # [B, 1+S, L, d]
+            gram = torch.einsum("bald,bcld->blac", parts, parts) / d  # [B, L, 1+S, 1+S]
+            kv = [(parts @ self.W_KV1[j]).flatten(2) for j in range(self.n_heads)]  # [B, 1+S, L*2dh]
+            q = [parts[:, :, -1] @ w["W_Q"][1, j] for j in range(self.n_heads)]  # [B, 1+S, dh]
+            clean.parts = (gram, kv, q)
+        gram, kv_parts, q_parts = clean.parts
         for j in range(self.n_heads):
             idx = drop[:, :, 1 + j].any(1).nonzero().flatten()
-            if len(idx):
-                r = rows[idx]
-                removed = drop[idx, None, :, 1 + j].to(dev.dtype) @ dev[r]  # [n, 1, L*d]
-                out1[idx, j] = self._head1(x[r] - removed.view(len(idx), L, d), j)[0]
+            if not len(idx):
+                continue
+            r = rows[idx]
+            coef = torch.cat([torch.ones(len(idx), 1, device=dev_, dtype=dev.dtype), -drop[idx, :, 1 + j].to(dev.dtype)],
+                             1)[:, None]  # fmt: skip
+            scale = (torch.einsum("nxa,nlac,nxc->nl", coef, gram[r], coef) + w["eps"]).sqrt()  # [n, L]
+            kv = (coef @ kv_parts[j][r]).view(len(idx), L, 2 * dh) / scale[..., None] + self.b_KV1[j]
+            q = (coef @ q_parts[j][r])[:, 0] / scale[:, -1:] + w["b_Q"][1, j]
+            pattern = ((kv[..., :dh] @ q[..., None])[..., 0] * dh**-0.5).softmax(-1)
+            out1[idx, j] = (pattern[:, None] @ kv[..., dh:])[:, 0] @ w["W_O"][1, j]
         out1 = torch.where(drop_out[..., None], self.mean_out1[:, L - 1][None], out1)
         return self._logits(final + out1.sum(1) + w["b_O"][1])
 

@@ -191,6 +191,7 @@ def run_search(
         data = {
             "run_id": run_id, "status": status, "out_dir": str(out_dir), "model": str(model.path), "model_sha256": model.sha256,
             "spec": spec.to_dict(), "strategy": strategy.name, "params": strategy.params(),
+            "config": strategy.config_dict(),
             "seed": strategy.params().get("seed"), "min_confidence": min_confidence,
             "device": str(evaluator.device), "backend": backend.name if backend else "local",
             "eval_threads": EVAL_THREADS, "versions": versions(),

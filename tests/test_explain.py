@@ -275,7 +275,7 @@ def test_rates_on_random_failures_of_the_challenge_checkpoint(explained):
     _, exs = explained
     checked, confirmed, specific = rates(exs)
     print(f"\n{len(exs)} failures: checked {checked:.3f}, confirmed {confirmed:.3f}, specific {specific:.3f}")
-    assert checked == 1.0 and confirmed >= 0.97 and specific >= 0.83
+    assert checked == 1.0 and confirmed >= 0.98 and specific >= 0.85  # measured 0.995 and 0.880
 
 
 def test_rates_on_a_checkpoint_trained_with_another_seed(other_seed):
@@ -284,7 +284,7 @@ def test_rates_on_a_checkpoint_trained_with_another_seed(other_seed):
     exs = explainer.explain_many(random_failures(other_seed, 10_000, seed=7))
     checked, confirmed, specific = rates(exs)
     print(f"\n{len(exs)} failures: checked {checked:.3f}, confirmed {confirmed:.3f}, specific {specific:.3f}")
-    assert len(exs) > 100 and checked == 1.0 and confirmed >= 0.95 and specific >= 0.75
+    assert len(exs) > 100 and checked == 1.0 and confirmed >= 0.98 and specific >= 0.85  # measured 0.993, 0.892
 
 
 def test_the_other_seed_has_other_tables(challenge, other_seed):
