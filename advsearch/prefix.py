@@ -93,7 +93,7 @@ def extend(fw: FusedWeights, kv: KV, letters: int, keep: bool = True,
 
     b_qkv, b_heads, b_heads2, b_scores, b_model, b_model2 = buffer(3 * h * dh), buffer(h * dh), buffer(h * dh), \
         buffer(h * n), buffer(d), buffer(d)  # fmt: skip
-    b_q, b_k, b_v = buffer(h * dh), buffer(h * dh), buffer(h * dh)
+    b_q = buffer(h * dh)
     for lo, hi in spans:
         rows = hi - lo
         m = rows * letters
@@ -109,9 +109,9 @@ def extend(fw: FusedWeights, kv: KV, letters: int, keep: bool = True,
                 xn = F.layer_norm(x, x.shape[-1:], eps=fw.eps)
                 qkv = torch.mm(xn.view(m, d), fw.W_qkv[layer], out=take(b_qkv, m, 3 * h * dh))
                 qkv = qkv.add_(fw.b_qkv[layer]).view(rows, letters, 3, h, dh)
-                q, k, v = (take(b, rows, h, letters, dh).copy_(qkv[:, :, i].transpose(1, 2))
-                           for i, b in enumerate((b_q, b_k, b_v)))  # fmt: skip
-                q = q.mul_(dh**-0.5)
+                # k and v are only read elementwise (and copied): views do; q feeds a batched product
+                q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [rows, H, T, dh]
+                q = torch.mul(q, dh**-0.5, out=take(b_q, rows, h, letters, dh))
                 s_self = torch.mul(q, k, out=take(b_heads, rows, h, letters, dh)).sum(-1, keepdim=True)
             keys, values = kv.keys[layer, lo:hi], kv.values[layer, lo:hi]
             # softmax over (parent keys, own key) without concatenating
