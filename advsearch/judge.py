@@ -76,13 +76,22 @@ def judge(
     logits = logits.float()
     pred = torch.zeros_like(true)
     pred[:, first:] = logits.argmax(-1)
-    probs = torch.zeros(batch, seq, logits.shape[-1])
-    probs[:, first:] = logits.softmax(-1)
-    full_logits = torch.zeros_like(probs)
+    full_logits = torch.zeros(batch, seq, logits.shape[-1])
     full_logits[:, first:] = logits
-    p_true = probs.gather(-1, true.unsqueeze(-1)).squeeze(-1)
-    p_pred = probs.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
-    margin = logit_margin(full_logits, true)
+    if first == 0:
+        probs = torch.zeros_like(full_logits)
+        probs[:, first:] = logits.softmax(-1)
+        p_true = probs.gather(-1, true.unsqueeze(-1)).squeeze(-1)
+        p_pred = probs.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
+        margin = logit_margin(full_logits, true)
+    else:
+        # Only the last positions have logits (prefix sharing): compute on those, with the same
+        # operations per position, and leave the others at what zero logits gave (0, 0 and margin 0).
+        probs, last_true = logits.softmax(-1), true[:, first:]
+        p_true, p_pred, margin = (torch.zeros(batch, seq) for _ in range(3))
+        p_true[:, first:] = probs.gather(-1, last_true.unsqueeze(-1)).squeeze(-1)
+        p_pred[:, first:] = probs.gather(-1, pred[:, first:].unsqueeze(-1)).squeeze(-1)
+        margin[:, first:] = logit_margin(logits, last_true)
     judged = torch.zeros_like(true, dtype=torch.bool)
     judged[:, judge_from:] = True
     failure = (pred != true) & judged
