@@ -1,5 +1,6 @@
-"""`advsearch bench`: throughput of the bridge, the fused evaluator and the exhaustive census, the
-end-to-end guided search with and without explanations, and the start-up time of `advsearch eval`."""
+"""`advsearch bench`: throughput of the bridge, the fused evaluator, the exhaustive census and the
+guided search with and without explanations (both searches end to end, as `run` does them), and the
+start-up time of `advsearch eval`."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import torch
 
 from .errors import AdvsearchError
 from .evaluator import Evaluator
-from .judge import judge
 from .model import LoadedModel, cache_enabled, cache_key, read_cached_weights
 
 
@@ -55,14 +55,12 @@ def guided_rate(model: LoadedModel, budget: int, device: str, explain: bool) -> 
     the mechanism tables, is timed apart), then `run_search` writes failures.csv and summary.json
     into a temporary folder, so the rate includes judging, the CSV and (with `explain`) explanations.
     """
-    from strategies import RunConfig
-
     from .runner import run_search
-    from .search import default_batch_size, prepare_search
+    from .search import prepare_search
+    from .strategy_config import GuidedConfig
 
     start = time.perf_counter()
-    config = RunConfig(budget=budget, seed=0, batch_size=default_batch_size("guided"), model_sha256=model.sha256)
-    search = prepare_search(model, "guided", config, device=device, explain=explain)
+    search = prepare_search(model, "guided", GuidedConfig(budget=budget, seed=0), device=device, explain=explain)
     setup = time.perf_counter() - start
     with tempfile.TemporaryDirectory(prefix="advsearch-bench-") as tmp:
         start = time.perf_counter()
@@ -72,11 +70,29 @@ def guided_rate(model: LoadedModel, budget: int, device: str, explain: bool) -> 
     return s["sequences"] / wall, setup
 
 
+def census_rate(model: LoadedModel, max_len: int, evaluator: Evaluator) -> float:
+    """Prefixes/s of `run --strategy exhaustive --max-len L --no-explain` (default chunks, prefix sharing):
+    `run_search` with `evaluator`, failures.csv, census.csv and summary.json written into a temporary
+    folder, so the rate includes judging and the CSV, computed with the run's fixed thread count."""
+    from strategies import make_strategy
+
+    from .runner import run_search
+    from .strategy_config import ExhaustiveConfig
+
+    strategy = make_strategy("exhaustive", model.spec, ExhaustiveConfig(max_len=max_len))
+    with tempfile.TemporaryDirectory(prefix="advsearch-bench-") as tmp:
+        start = time.perf_counter()
+        s = run_search(model, strategy, Path(tmp) / "census", evaluator, progress=False)
+        wall = time.perf_counter() - start
+    return s["sequences"] / wall
+
+
 def run_bench(model: LoadedModel, n: int = 100_000, batch_size: int = 512, device: str = "auto",
               census_len: int = 5, guided_budget: int = 20_000, startup_runs: int = 3) -> dict:  # fmt: skip
     """Measure everything in one process on the same data, so ratios are meaningful.
 
-    The guided figures are end to end (`run` as users run it, CSV written), so `guided_ratio` and
+    The census and guided figures are end to end (`run` as users run it, CSV written), so
+    `census_ratio` (prefixes/s over the fused sequences/s), `guided_ratio` and
     `guided_explained_ratio` say how much of the fused evaluator's speed reaches the user; the
     start-up subprocesses run after `model` was loaded here, so they find the weights cache warm
     (`startup_warm_cache` says whether they did).
@@ -103,8 +119,6 @@ def run_bench(model: LoadedModel, n: int = 100_000, batch_size: int = 512, devic
 @torch.inference_mode()
 def _throughput(model: LoadedModel, n: int, batch_size: int, device: str, census_len: int) -> dict:
     """Bridge vs fused evaluator on the same n sequences, and the prefix-sharing census."""
-    from strategies import RunConfig, make_strategy
-
     tokens = model.spec.random_tokens(n, seed=0)
     evaluator = Evaluator(model.weights, device=device, batch_size=batch_size)
     with contextlib.redirect_stdout(io.StringIO()):  # the bridge announces device moves on stdout
@@ -115,13 +129,7 @@ def _throughput(model: LoadedModel, n: int, batch_size: int, device: str, census
     bridge_rate = _rate(lambda: [bridge(c.to(evaluator.device)) for c in tokens.split(batch_size)], n)
     fused_rate = _rate(lambda: evaluator.logits(tokens), n)
 
-    strategy = make_strategy("exhaustive", model.spec, RunConfig(max_len=census_len, batch_size=65536))
-
-    def census():
-        while (p := strategy.propose()) is not None:
-            strategy.observe(p, judge(p.tokens, evaluator.evaluate(p), model.spec.qmark, 0.5, p.judge_from))
-
-    census_rate = _rate(census, strategy.total())
+    census = census_rate(model, census_len, evaluator)
     with contextlib.redirect_stdout(io.StringIO()):
         model.bridge.to("cpu")  # where `run` keeps it (the explainer feeds it CPU tensors)
     return {
@@ -135,5 +143,6 @@ def _throughput(model: LoadedModel, n: int, batch_size: int, device: str, census
         "ratio": round(fused_rate / bridge_rate, 2),
         "max_abs_logit_diff": max_diff,
         "census_max_len": census_len,
-        "census_prefixes_per_s": round(census_rate),
+        "census_prefixes_per_s": round(census),
+        "census_ratio": round(census / fused_rate, 2),
     }
