@@ -219,6 +219,11 @@ def run(ctx, strategy, model, budget, seed, out, device, batch_size, min_confide
         for r in s["tables"]["families.csv"]:
             click.echo(f"{r['family']:<18}{r['sequences']:>10,}{r['confident_failures']:>19,}{r['yield']:>8.1%}")
     click.echo(f"yield: {s['yield']:.2%} of sequences have a failure with p_pred >= {s['yield_confidence']}")
+    if s.get("audit") and s["audit"][0]["failures"]:
+        a = s["audit"][0]
+        n = a["failures"]
+        click.echo(f"explanations: {a['confirmed'] / n:.1%} confirmed, {a['specific'] / n:.1%} specific (the control "
+                   f"did not fix them); per category: advsearch audit {s['out_dir']}")  # fmt: skip
     if baseline:
         click.echo(baseline)
     click.echo(f"results: {Path(s['out_dir']) / 'failures.csv'}")

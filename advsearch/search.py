@@ -60,5 +60,5 @@ def prepare_search(loaded, strategy: str, config=None, *, device: str = "auto", 
     if explain:
         from .explain import Explainer
 
-        search.explainer = Explainer(loaded, tables)
+        search.explainer = Explainer(loaded, tables, device=search.evaluator.device)  # on the GPU when present
     return search

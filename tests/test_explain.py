@@ -146,7 +146,7 @@ def scripted(comp: Components, fixes: set[int]):
     def ablate(clean, truth, pred, gap, rows, keep, keep_out):
         fixed = torch.tensor([any(not (keep[i] | comp.single_keep[c]).all() or not (keep_out[i] | comp.single_keep_out[c]).all()
                                   for c in fixes) for i in range(len(rows))], dtype=torch.bool)  # fmt: skip
-        return fixed.float(), fixed
+        return fixed.double(), fixed
 
     return ablate
 
