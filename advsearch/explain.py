@@ -137,13 +137,11 @@ class Components:
 
     def masks(self, sets: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep masks [N, S, D] and [N, H] that mean-ablate each set of components."""
-        keep = torch.ones((len(sets), *self.single_keep.shape[1:]), dtype=torch.bool)
-        keep_out = torch.ones((len(sets), self.n_heads), dtype=torch.bool)
-        for i, cs in enumerate(sets):
-            for c in cs:
-                keep[i] &= self.single_keep[c]
-                keep_out[i] &= self.single_keep_out[c]
-        return keep, keep_out
+        member = torch.zeros(len(sets), len(self.names))
+        member[[i for i, cs in enumerate(sets) for _ in cs], [c for cs in sets for c in cs]] = 1.0
+        drop = member @ (~self.single_keep).flatten(1).float()
+        drop_out = member @ (~self.single_keep_out).float()
+        return (drop == 0).view(len(sets), *self.single_keep.shape[1:]), drop_out == 0
 
 
 @dataclass

@@ -163,22 +163,25 @@ class PathModel:
         if clean.parts is None:
             parts = _centre(torch.cat([clean.resid[:, None], dev], 1))  # [B, 1+S, L, d]
             gram = torch.einsum("bald,bcld->blac", parts, parts) / d  # [B, L, 1+S, 1+S]
-            kv = [(parts @ self.W_KV1[j]).flatten(2) for j in range(self.n_heads)]  # [B, 1+S, L*2dh]
-            q = [parts[:, :, -1] @ w["W_Q"][1, j] for j in range(self.n_heads)]  # [B, 1+S, dh]
+            kv = [(parts @ self.W_KV1[j]).transpose(0, 1).flatten(2) for j in range(self.n_heads)]  # [1+S, B, L*2dh]
+            q = [(parts[:, :, -1] @ w["W_Q"][1, j]).transpose(0, 1) for j in range(self.n_heads)]  # [1+S, B, dh]
             clean.parts = (gram, kv, q)
         gram, kv_parts, q_parts = clean.parts
         for j in range(self.n_heads):
             idx = drop[:, :, 1 + j].any(1).nonzero().flatten()
             if not len(idx):
                 continue
-            r = rows[idx]
-            coef = torch.cat([torch.ones(len(idx), 1, device=dev_, dtype=dev.dtype), -drop[idx, :, 1 + j].to(dev.dtype)],
-                             1)[:, None]  # fmt: skip
-            scale = (torch.einsum("nxa,nlac,nxc->nl", coef, gram[r], coef) + w["eps"]).sqrt()  # [n, L]
-            kv = (coef @ kv_parts[j][r]).view(len(idx), L, 2 * dh) / scale[..., None] + self.b_KV1[j]
-            q = (coef @ q_parts[j][r])[:, 0] / scale[:, -1:] + w["b_Q"][1, j]
-            pattern = ((kv[..., :dh] @ q[..., None])[..., 0] * dh**-0.5).softmax(-1)
-            out1[idx, j] = (pattern[:, None] @ kv[..., dh:])[:, 0] @ w["W_O"][1, j]
+            # variants that drop the same paths into head j share one combination of the parts
+            patterns, which = drop[idx, :, 1 + j].unique(dim=0, return_inverse=True)
+            for u, pattern in enumerate(patterns):
+                sel = idx[which == u]
+                r = rows[sel]
+                coef = torch.cat([torch.ones(1, device=dev_, dtype=dev.dtype), -pattern.to(dev.dtype)])  # [1+S]
+                scale = (torch.einsum("a,nlac,c->nl", coef, gram[r], coef) + w["eps"]).sqrt()  # [n, L]
+                kv = (coef @ kv_parts[j][:, r].flatten(1)).view(len(r), L, 2 * dh) / scale[..., None] + self.b_KV1[j]
+                q = (coef @ q_parts[j][:, r].flatten(1)).view(len(r), dh) / scale[:, -1:] + w["b_Q"][1, j]
+                pattern1 = ((kv[..., :dh] @ q[..., None])[..., 0] * dh**-0.5).softmax(-1)
+                out1[sel, j] = (pattern1[:, None] @ kv[..., dh:])[:, 0] @ w["W_O"][1, j]
         out1 = torch.where(drop_out[..., None], self.mean_out1[:, L - 1][None], out1)
         return self._logits(final + out1.sum(1) + w["b_O"][1])
 
