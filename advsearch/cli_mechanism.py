@@ -1,4 +1,4 @@
-"""`advsearch mechanism` and `advsearch explain` (issue 3); registered in cli.py with add_command."""
+"""`advsearch mechanism` and `advsearch explain`; registered in cli.py with add_command."""
 
 from __future__ import annotations
 

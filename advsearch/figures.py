@@ -1,4 +1,4 @@
-"""HTML pages with plotly figures (issue 8): the page builder, the mechanism heatmaps and the
+"""HTML pages with plotly figures: the page builder, the mechanism heatmaps and the
 per-failure view shared by `advsearch report` and `advsearch explain --html`.
 
 A `Page` collects HTML fragments and plotly figures and writes one self-contained file:

@@ -1,4 +1,4 @@
-"""Mechanism tables (issue 3): computed from the weights, and the properties they imply hold on held-out data."""
+"""Mechanism tables: computed from the weights, and the properties they imply hold on held-out data."""
 
 import json
 
