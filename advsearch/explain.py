@@ -389,8 +389,8 @@ class Explainer:
         """How much each component's ablation removes: the norm of its deviation from its mean
         ([B, C]; paths and layer-0 heads over the positions read, layer-1 heads at k)."""
         pm, comp = self.paths, self.comp
-        L = clean.sources.shape[2]
-        dev = (clean.sources - pm.mean_sources[None, :, :L]).norm(dim=-1)  # [B, S, L]
+        B, S, L, _ = clean.sources.shape
+        dev = clean.deviation.view(B, S, L, -1).norm(dim=-1)  # [B, S, L]
         rms = dev.pow(2).mean(-1).sqrt()  # [B, S]
         at_k = dev[:, :, -1]
         D = len(comp.dests)

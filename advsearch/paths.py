@@ -70,25 +70,18 @@ class PathModel:
         self.w = w
         self.n_heads = w["W_Q"].shape[1]
         self.d_head = w["W_Q"].shape[-1]
-        self.n_sources = 1 + self.n_heads
-        self.n_dests = 1 + self.n_heads
         self.W_KV1 = torch.cat([w["W_K"][1], w["W_V"][1]], -1)  # [H, d, 2 d_head]
         self.b_KV1 = torch.cat([w["b_K"][1], w["b_V"][1]], -1)[:, None]  # [H, 1, 2 d_head]
-        self.mean_sources = torch.zeros(self.n_sources, w["W_pos"].shape[0], w["W_E"].shape[1], device=self.device,
-                                        dtype=dtype)  # fmt: skip
-        self.mean_out1 = torch.zeros_like(self.mean_sources[1:])
         self.reference_scales = self._means(reference.to(self.device))
 
     # ---- the forward ---------------------------------------------------------------------
     def _layer0(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sources [B, S, L, d], layer-0 patterns [B, H, L, L] and the layer-0 LayerNorm scale [B, L]."""
-        w, H, dh = self.w, self.n_heads, self.d_head
-        B, L = tokens.shape
+        w, dh = self.w, self.d_head
+        L = tokens.shape[1]
         e = w["W_E"][tokens] + w["W_pos"][:L]
         xn = F.layer_norm(e, e.shape[-1:], eps=w["eps"])
-        q = torch.einsum("bld,hde->bhle", xn, w["W_Q"][0]) + w["b_Q"][0][:, None]
-        k = torch.einsum("bld,hde->bhle", xn, w["W_K"][0]) + w["b_K"][0][:, None]
-        v = torch.einsum("bld,hde->bhle", xn, w["W_V"][0]) + w["b_V"][0][:, None]
+        q, k, v = (torch.einsum("bld,hde->bhle", xn, w[f"W_{m}"][0]) + w[f"b_{m}"][0][:, None] for m in "QKV")
         causal = torch.ones(L, L, dtype=torch.bool, device=tokens.device).triu(1)
         scores = (q @ k.transpose(-1, -2) * dh**-0.5).masked_fill(causal, -torch.inf)
         pattern = scores.softmax(-1)
@@ -112,8 +105,8 @@ class PathModel:
 
     @torch.no_grad()
     def _means(self, reference: torch.Tensor) -> dict[str, float]:
-        """Fill the per-position means from `reference` [N, n_ctx] (one clean pass over every position);
-        return its mean LayerNorm scales (the `s0`, `s1`, `s_final` of the mechanism tables)."""
+        """Set the per-position means (`mean_sources`, `mean_out1`) from `reference` [N, n_ctx], one clean
+        pass over every position; return its mean LayerNorm scales (the `s0`, `s1`, `s_final` of the mechanism tables)."""
         w, dh = self.w, self.d_head
         N, L = reference.shape
         sources, _, scale0 = self._layer0(reference)
@@ -193,7 +186,7 @@ class PathModel:
         Ablating a set of paths changes the logits by about minus the sum of their rows."""
         w = self.w
         B, S, L, d = run.sources.shape
-        dev = run.sources - self.mean_sources[None, :, :L]  # [B, S, L, d]
+        dev = run.deviation.view(B, S, L, d)
         U = w["W_U"] / run.scale_final[:, None, None]  # [B, d, V]
         direct = torch.einsum("bsd,bdv->bsv", _centre(dev[:, :, -1]), U)
         OV = w["W_V"][1] @ w["W_O"][1]  # [H, d, d]
