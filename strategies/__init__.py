@@ -5,8 +5,8 @@ from __future__ import annotations
 import inspect
 
 from advsearch.errors import AdvsearchError
-from advsearch.spec import ModelSpec
-from advsearch.strategy_config import (
+from advsearch.model.spec import ModelSpec
+from advsearch.search.configs import (
     AdaptiveConfig,
     BatchConfig,
     ConfigError,
@@ -19,7 +19,7 @@ from advsearch.strategy_config import (
     SampledConfig,
 )
 
-from .base import Proposal, RunConfig, Strategy
+from .base import Proposal, Strategy
 from .exhaustive import ExhaustiveStrategy
 from .guided import GuidedStrategy
 from .local import LocalStrategy
@@ -43,14 +43,10 @@ def make_strategy(name: str, spec: ModelSpec, config=None, *, tables=None, model
     Also passes what the strategy computes with rather than is told, to the constructors that take it:
     `tables` (the model's mechanism tables: guided), `model_sha256` (recorded in Optuna studies) and,
     when the config has a `seed_from`, `seeder`: that strategy, made here, whose first batch seeds the
-    search. A legacy `RunConfig` is split into the strategy's config, its tables and model sha.
+    search.
     """
     cls = strategy_class(name)
-    if isinstance(config, RunConfig):
-        tables = config.tables if tables is None else tables
-        model_sha256 = model_sha256 or config.model_sha256
-        config = config.split(cls.config_class)
-    elif config is None:
+    if config is None:
         config = cls.config_class()
     context = {"tables": tables, "model_sha256": model_sha256}
     if getattr(config, "seed_from", None):
@@ -73,5 +69,5 @@ def make_seeder(name: str, spec: ModelSpec, config, tables=None) -> Strategy:
 
 
 __all__ = ["STRATEGIES", "AdaptiveConfig", "BatchConfig", "ConfigError", "CoverConfig", "ExhaustiveConfig",
-           "GuidedConfig", "LocalConfig", "OptunaConfig", "Proposal", "RandomConfig", "RunConfig", "SampledConfig",
+           "GuidedConfig", "LocalConfig", "OptunaConfig", "Proposal", "RandomConfig", "SampledConfig",
            "Strategy", "make_seeder", "make_strategy", "strategy_class"]  # fmt: skip

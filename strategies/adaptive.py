@@ -1,7 +1,7 @@
 """What the adaptive strategies (local, optuna) share: length, target, confusion coverage.
 
 `AdaptiveStrategy` resolves `--length` and the `--target-*` options into an
-`advsearch.objectives.Target`, draws random sequences from one seeded
+`advsearch.search.objectives.Target`, draws random sequences from one seeded
 generator, counts the budget, and, with `--cover-confusions`, keeps a
 `ConfusionTable` and a `CoverSchedule` and writes `confusions.csv`.
 
@@ -20,10 +20,10 @@ import base64
 
 import torch
 
-from advsearch.confusions import ConfusionTable
-from advsearch.judge import Judged
-from advsearch.objectives import Scores, Target, score
-from advsearch.strategy_config import AdaptiveConfig, ConfigError
+from advsearch.search.confusions import ConfusionTable
+from advsearch.model.judge import Judged
+from advsearch.search.objectives import Scores, Target, score
+from advsearch.search.configs import AdaptiveConfig, ConfigError
 
 from .base import Strategy
 

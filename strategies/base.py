@@ -12,7 +12,7 @@ A strategy is a generator of candidate batches that may learn from verdicts:
   columns), or None when the strategy is finished.
 - `observe()` receives the judged batch. Enumeration and random sampling ignore
   it; Optuna and local search use it to choose what to propose next (they score
-  `judged.logits` with `advsearch.objectives`; see `strategies.adaptive`).
+  `judged.logits` with `advsearch.search.objectives`; see `strategies.adaptive`).
 - `state_dict()` / `load_state_dict()` capture progress after an observed batch
   so an interrupted run resumes where it stopped (JSON-serialisable).
 - `tables()` returns extra result tables the strategy accumulates (file name ->
@@ -21,7 +21,7 @@ A strategy is a generator of candidate batches that may learn from verdicts:
   (drives the progress bar).
 
 Each strategy's options are one small dataclass, its `config_class` (all of them in the torch-free
-`advsearch.strategy_config`, so that the command line is built from them without importing torch);
+`advsearch.search.configs`, so that the command line is built from them without importing torch);
 `config_dict()` is the chosen config as recorded in summary.json. What a strategy computes rather
 than is told (the mechanism tables, the model's sha256, a seeding strategy) are constructor
 arguments, which `strategies.make_strategy` supplies.
@@ -29,46 +29,14 @@ arguments, which `strategies.make_strategy` supplies.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
-from advsearch.judge import Judged
-from advsearch.spec import ModelSpec
-from advsearch.strategy_config import SampledConfig, config_dict
-
-
-@dataclass
-class RunConfig:
-    """Legacy: the options of every strategy in one object. `make_strategy` and `prepare_search` still
-    accept it and split it into the chosen strategy's own config (plus `tables` and `model_sha256`,
-    which become constructor arguments); new code passes the strategy's config
-    (`advsearch.strategy_config`) instead."""
-
-    budget: int = 10_000
-    seed: int = 0
-    max_len: int = 5
-    batch_size: int = 4096
-    shared_prefixes: bool = True
-    families: list[str] | None = None
-    tables: object | None = None
-    length: int | None = None
-    target_pos: int | None = None
-    target_true: str | None = None
-    target_pred: str | None = None
-    cover_confusions: bool = False
-    cover_threshold: float = 0.9
-    two_position_moves: bool = True
-    sampler: str = "tpe"
-    storage: str | None = None
-    study_name: str | None = None
-    seed_from: str | None = None
-    model_sha256: str | None = None
-
-    def split(self, config_class: type):
-        """The options of `config_class` taken from this legacy config."""
-        return config_class(**{f.name: getattr(self, f.name) for f in fields(config_class) if hasattr(self, f.name)})
+from advsearch.model.judge import Judged
+from advsearch.model.spec import ModelSpec
+from advsearch.search.configs import SampledConfig, config_dict
 
 
 @dataclass
@@ -99,7 +67,7 @@ class Strategy:
     extra_columns: ClassVar[tuple[str, ...]] = ()
     needs_tables: ClassVar[bool] = False  # its constructor takes the mechanism tables (`tables=`)
     seeds: ClassVar[bool] = False  # a constructor strategy: its first batch can seed an Optuna study
-    config_class: ClassVar[type] = SampledConfig  # its options (advsearch.strategy_config)
+    config_class: ClassVar[type] = SampledConfig  # its options (advsearch.search.configs)
 
     def __init__(self, spec: ModelSpec, config):
         self.spec = spec

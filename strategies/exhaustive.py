@@ -12,7 +12,7 @@ visit the prefixes of one length in lexicographic order and give the same census
 
 A chunk and everything below it (its *subtree*) can be computed on its own:
 `start_at(item)` restricts a strategy to one todo item's subtree, and `absorb`
-merges such a shard's census back in order (`advsearch.scaleout` does this on
+merges such a shard's census back in order (`advsearch.commands.scaleout` does this on
 Ray). The first chunk a strategy proposes recomputes, as warm-up, the chunks on
 the path down to it, so its numbers are bit-identical to an uninterrupted run.
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from advsearch.errors import AdvsearchError
-from advsearch.strategy_config import ConfigError, ExhaustiveConfig
+from advsearch.search.configs import ConfigError, ExhaustiveConfig
 
 from .base import Proposal, Strategy
 

@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from advsearch.strategy_config import ConfigError, GuidedConfig
+from advsearch.search.configs import ConfigError, GuidedConfig
 
 from .base import Proposal, Strategy
 
@@ -126,7 +126,7 @@ class GuidedStrategy(Strategy):
     config_class = GuidedConfig
 
     def __init__(self, spec, config: GuidedConfig, *, tables):
-        """`tables`: the loaded model's `advsearch.mechanism.MechanismTables` (its letter sets)."""
+        """`tables`: the loaded model's `advsearch.mechanism.tables.MechanismTables` (its letter sets)."""
         super().__init__(spec, config)
         if tables is None:
             raise TypeError("the guided strategy needs the model's mechanism tables (tables=...)")

@@ -3,7 +3,7 @@
 From the current sequence, every single-position substitution (positions
 1..L-1, each to every other letter: 19 x 9 = 171 neighbours at L = 20) is
 scored in one batch; the search moves to the best neighbour if it improves the
-objective (`advsearch.objectives`: untargeted margin, or the `--target-*`
+objective (`advsearch.search.objectives`: untargeted margin, or the `--target-*`
 score). When no single substitution improves, a seeded sample of two-position
 moves (up to 1024 of the 13,851) is tried; when that fails too, the search
 restarts from the best of a pool of 256 fresh uniform random sequences.
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from advsearch.strategy_config import LocalConfig
-from advsearch.tokens import one_letter_neighbours
+from advsearch.search.configs import LocalConfig
+from advsearch.model.tokens import one_letter_neighbours
 
 from .adaptive import AdaptiveStrategy
 from .base import Proposal

@@ -3,7 +3,7 @@
 Each batch is `--batch-size` trials asked from the study at once (the default
 TPE sampler is multivariate with the constant liar, so the trials of one batch
 spread out instead of piling onto one point), evaluated in one evaluator call,
-and told back with their objective (`advsearch.objectives`: untargeted margin
+and told back with their objective (`advsearch.search.objectives`: untargeted margin
 or the `--target-*` score; maximised).
 
 Samplers (`--sampler`): `tpe` (TPESampler(multivariate=True, constant_liar=True)),
@@ -57,7 +57,7 @@ import warnings
 import torch
 
 from advsearch.errors import AdvsearchError
-from advsearch.strategy_config import SAMPLERS, ConfigError, OptunaConfig
+from advsearch.search.configs import SAMPLERS, ConfigError, OptunaConfig
 
 from .adaptive import AdaptiveStrategy
 from .base import Proposal, Strategy

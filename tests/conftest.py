@@ -41,7 +41,7 @@ def challenge_path() -> Path:
 
 @pytest.fixture(scope="session")
 def challenge(challenge_path):
-    from advsearch.model import load_model
+    from advsearch.model.checkpoint import load_model
 
     return load_model(challenge_path)
 
@@ -57,8 +57,8 @@ def drive(strategy, evaluator=None, limit=None) -> list:
 
     Without an evaluator the judge sees a perfect model (one-hot logits on the oracle's labels).
     """
-    from advsearch.judge import judge
-    from advsearch.oracle import first_unique
+    from advsearch.model.judge import judge
+    from advsearch.model.oracle import first_unique
 
     out = []
     while (limit is None or len(out) < limit) and (p := strategy.propose()) is not None:
@@ -75,7 +75,7 @@ def invoke(*args):
     """Run the advsearch CLI in-process (arguments stringified)."""
     from click.testing import CliRunner
 
-    from advsearch.cli import main
+    from advsearch.cli.main import main
 
     return CliRunner().invoke(main, [str(a) for a in args])
 
@@ -89,7 +89,7 @@ def rows(path) -> list[dict]:
 
 def interrupt_judging(monkeypatch, at_call: int):
     """Make the runner's judge raise KeyboardInterrupt on call `at_call`; returns an undo function."""
-    from advsearch import runner
+    from advsearch.search import runner
 
     real, calls = runner.judge, {"n": 0}
 
@@ -109,6 +109,6 @@ OTHER_SEED_MODEL = REPO / "tests" / "data" / "seed1.pt"
 @pytest.fixture(scope="session")
 def other_seed():
     """A checkpoint this project trained with `advsearch train --seed 1` (committed under tests/data)."""
-    from advsearch.model import load_model
+    from advsearch.model.checkpoint import load_model
 
     return load_model(OTHER_SEED_MODEL)

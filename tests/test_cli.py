@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from advsearch.model import read_state_dict
+from advsearch.model.checkpoint import read_state_dict
 
 from .conftest import interrupt_judging, invoke, rows
 
@@ -85,7 +85,7 @@ def test_a_run_stopped_before_its_first_batch_finished_resumes_from_the_beginnin
 def test_a_reader_that_closes_stdout_early_ends_the_output_quietly(tmp_path, challenge_path):
     """Like `advsearch run ... | head -1`, with a reader that is gone before the first line (so the write must fail)."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "advsearch.cli", "run", "--strategy", "random", "--budget", 1000, "--no-explain",
+    cmd = [sys.executable, "-m", "advsearch.cli.main", "run", "--strategy", "random", "--budget", 1000, "--no-explain",
            "--compare-random", "--quiet", "--model", challenge_path, "--out", out]  # fmt: skip
     proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()
@@ -160,7 +160,7 @@ def test_bench_text_output_names_every_measure(challenge_path):
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys\nfrom advsearch.cli import main\n"
+    code = ("import sys\nfrom advsearch.cli.main import main\n"
             "for args in (['--help'], ['run', '--help'], ['bench', '--help'], ['suite', 'build', '--help']):\n"
             "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
             "print(sorted(m for m in ('torch', 'strategies', 'transformer_lens') if m in sys.modules))")  # fmt: skip
@@ -172,7 +172,7 @@ def test_help_does_not_import_torch():
 def test_static_strategy_names_match_the_registry():
     from strategies import STRATEGIES
 
-    from advsearch.cli import STRATEGY_NAMES
+    from advsearch.cli.main import STRATEGY_NAMES
 
     assert STRATEGY_NAMES == tuple(STRATEGIES)
 

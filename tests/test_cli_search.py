@@ -69,9 +69,9 @@ def made_strategies(monkeypatch):
     and stops there; returns the list the strategies are appended to."""
     from types import SimpleNamespace
 
-    import advsearch.model
-    import advsearch.search
-    from advsearch.spec import ModelSpec
+    import advsearch.model.checkpoint
+    import advsearch.commands.setup
+    from advsearch.model.spec import ModelSpec
     from strategies import make_strategy
 
     from .test_guided import fake_tables
@@ -83,16 +83,16 @@ def made_strategies(monkeypatch):
                                   model_sha256=loaded.sha256))  # fmt: skip
         raise KeyboardInterrupt  # stop before the search: exit 130
 
-    monkeypatch.setattr(advsearch.model, "load_model", lambda path: SimpleNamespace(spec=ModelSpec(), sha256="x"))
-    monkeypatch.setattr(advsearch.search, "prepare_search", prepare_search)
+    monkeypatch.setattr(advsearch.model.checkpoint, "load_model", lambda path: SimpleNamespace(spec=ModelSpec(), sha256="x"))
+    monkeypatch.setattr(advsearch.commands.setup, "prepare_search", prepare_search)
     return made
 
 
 def test_every_config_option_is_in_run_help_and_reaches_the_strategy(tmp_path, monkeypatch):
     from dataclasses import fields
 
-    from advsearch.cli import CONFIG_OPTIONS, RUN_LEVEL_FIELDS, option_flag
-    from advsearch.strategy_config import STRATEGY_CONFIGS
+    from advsearch.cli.main import CONFIG_OPTIONS, RUN_LEVEL_FIELDS, option_flag
+    from advsearch.search.configs import STRATEGY_CONFIGS
 
     help_text = invoke("run", "--help").output
     made = made_strategies(monkeypatch)
@@ -116,7 +116,7 @@ def test_every_config_option_is_in_run_help_and_reaches_the_strategy(tmp_path, m
 
 
 def test_run_passes_each_strategy_its_config_defaults(monkeypatch):
-    from advsearch.strategy_config import STRATEGY_CONFIGS
+    from advsearch.search.configs import STRATEGY_CONFIGS
 
     made = made_strategies(monkeypatch)
     for name, config_class in STRATEGY_CONFIGS.items():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from advsearch.errors import AdvsearchError
-from advsearch.evaluator import Evaluator, resolve_device
+from advsearch.model.evaluator import Evaluator, resolve_device
 
 from .conftest import reference_tokens
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from advsearch.cli_mechanism import explain_cmd, mechanism_cmd
+from advsearch.cli.mechanism import explain_cmd, mechanism_cmd
 from advsearch.errors import AdvsearchError
-from advsearch.evaluator import Evaluator
-from advsearch.explain import CATEGORIES, CSV_COLUMNS, Components, Explainer, failing_positions
-from advsearch.mechanism import reference_batch
-from advsearch.oracle import first_unique
+from advsearch.model.evaluator import Evaluator
+from advsearch.mechanism.explain import CATEGORIES, CSV_COLUMNS, Components, Explainer, failing_positions
+from advsearch.mechanism.tables import reference_batch
+from advsearch.model.oracle import first_unique
 
 N_SEQUENCES = 10_000  # fixture seed 7; the rates the README quotes come from other seeds
 
@@ -288,7 +288,7 @@ def test_rates_on_a_checkpoint_trained_with_another_seed(other_seed):
 
 
 def test_the_other_seed_has_other_tables(challenge, other_seed):
-    from advsearch.mechanism import compute_tables
+    from advsearch.mechanism.tables import compute_tables
 
     a, b = compute_tables(challenge), compute_tables(other_seed)
     assert sorted(map(sorted, a.responsibility_sets)) != sorted(map(sorted, b.responsibility_sets))

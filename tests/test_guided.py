@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from advsearch.errors import AdvsearchError
-from advsearch.evaluator import Evaluator
-from advsearch.judge import judge
-from advsearch.mechanism import compute_tables
-from advsearch.oracle import first_unique
-from advsearch.spec import ModelSpec
-from advsearch.strategy_config import STRATEGY_CONFIGS, GuidedConfig
+from advsearch.model.evaluator import Evaluator
+from advsearch.model.judge import judge
+from advsearch.mechanism.tables import compute_tables
+from advsearch.model.oracle import first_unique
+from advsearch.model.spec import ModelSpec
+from advsearch.search.configs import STRATEGY_CONFIGS, GuidedConfig
 from strategies import make_strategy
 from strategies.guided import FAMILIES
 

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from advsearch.judge import best_wrong, judge, logit_margin
+from advsearch.model.judge import best_wrong, judge, logit_margin
 
 
 def test_judge_fields_on_handmade_logits():

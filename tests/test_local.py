@@ -3,17 +3,17 @@ import json
 import pytest
 import torch
 
-from advsearch.confusions import ConfusionTable
+from advsearch.search.confusions import ConfusionTable
 from advsearch.errors import AdvsearchError
-from advsearch.evaluator import Evaluator
-from advsearch.judge import judge
-from advsearch.objectives import Target, score
-from advsearch.spec import ModelSpec
-from advsearch.strategy_config import STRATEGY_CONFIGS, LocalConfig
+from advsearch.model.evaluator import Evaluator
+from advsearch.model.judge import judge
+from advsearch.search.objectives import Target, score
+from advsearch.model.spec import ModelSpec
+from advsearch.search.configs import STRATEGY_CONFIGS, LocalConfig
 from strategies import make_strategy
 
 from .conftest import drive
-from advsearch.tokens import one_letter_neighbours
+from advsearch.model.tokens import one_letter_neighbours
 from strategies.local import double_moves
 
 SPEC = ModelSpec()

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from advsearch.mechanism import MechanismTables, compute_tables, ln_scales, reference_batch
-from advsearch.model import DEFAULT_MODEL, expected_shapes, load_model
-from advsearch.spec import ModelSpec
+from advsearch.mechanism.tables import MechanismTables, compute_tables, ln_scales, reference_batch
+from advsearch.model.checkpoint import DEFAULT_MODEL, expected_shapes, load_model
+from advsearch.model.spec import ModelSpec
 
 from .conftest import reference_tokens
 

@@ -4,12 +4,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from advsearch.cli import main
+from advsearch.cli.main import main
 from advsearch.errors import AdvsearchError
-from advsearch.evaluator import Evaluator
-from advsearch.judge import judge
-from advsearch.minimize import Minimizer
-from advsearch.spec import ModelSpec
+from advsearch.model.evaluator import Evaluator
+from advsearch.model.judge import judge
+from advsearch.search.minimize import Minimizer
+from advsearch.model.spec import ModelSpec
 
 SPEC = ModelSpec()
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from advsearch.errors import AdvsearchError
-from advsearch.evaluator import Evaluator
-from advsearch.judge import judge
-from advsearch.model import (WEIGHT_NAMES, cache_dir, cache_key, cache_path, load_model, read_cached_weights,
+from advsearch.model.evaluator import Evaluator
+from advsearch.model.judge import judge
+from advsearch.model.checkpoint import (WEIGHT_NAMES, cache_dir, cache_key, cache_path, load_model, read_cached_weights,
                              read_state_dict, validate_state_dict)  # fmt: skip
-from advsearch.spec import ModelSpec
+from advsearch.model.spec import ModelSpec
 
 from .conftest import reference_tokens
 
@@ -84,7 +84,7 @@ def test_env_variable_selects_the_model(monkeypatch, challenge_path):
 
 def _load_in_subprocess(path) -> tuple[bool, list]:
     """(was transformer_lens imported, W_E as a list) after load_model(path) in a fresh process."""
-    code = ("import json, sys; from advsearch.model import load_model; m = load_model(sys.argv[1]); "
+    code = ("import json, sys; from advsearch.model.checkpoint import load_model; m = load_model(sys.argv[1]); "
             "print(json.dumps(['transformer_lens' in sys.modules, m.weights.W_E.tolist()]))")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
     imported, w_e = json.loads(done.stdout)

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from advsearch.errors import AdvsearchError
-from advsearch.judge import judge
-from advsearch.objectives import MISMATCH_PENALTY, Target, score
-from advsearch.oracle import first_unique
-from advsearch.spec import ModelSpec
+from advsearch.model.judge import judge
+from advsearch.search.objectives import MISMATCH_PENALTY, Target, score
+from advsearch.model.oracle import first_unique
+from advsearch.model.spec import ModelSpec
 
 SPEC = ModelSpec()
 Q = SPEC.qmark

@@ -12,10 +12,10 @@ import torch
 import strategies
 import strategies.optuna as optuna_strategy
 from advsearch.errors import AdvsearchError
-from advsearch.evaluator import Evaluator
-from advsearch.objectives import score
-from advsearch.spec import ModelSpec
-from advsearch.strategy_config import OptunaConfig
+from advsearch.model.evaluator import Evaluator
+from advsearch.search.objectives import score
+from advsearch.model.spec import ModelSpec
+from advsearch.search.configs import OptunaConfig
 from strategies import make_strategy
 
 from .conftest import drive
@@ -186,8 +186,8 @@ def test_a_worker_with_another_model_cannot_join(tmp_path, ev):
 # A worker that asks one batch of 8 trials and never tells them (it is killed first); beats every second.
 ASK_AND_HANG = """import sys, time
 import strategies.optuna as o
-from advsearch.spec import ModelSpec
-from advsearch.strategy_config import OptunaConfig
+from advsearch.model.spec import ModelSpec
+from advsearch.search.configs import OptunaConfig
 from strategies import make_strategy
 o.HEARTBEAT_INTERVAL = 1
 s = make_strategy("optuna", ModelSpec(), OptunaConfig(budget=8, batch_size=8, length=6, storage=sys.argv[1],

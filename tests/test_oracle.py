@@ -2,8 +2,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from advsearch.oracle import first_unique, first_unique_reference
-from advsearch.spec import ModelSpec
+from advsearch.model.oracle import first_unique, first_unique_reference
+from advsearch.model.spec import ModelSpec
 
 SPEC = ModelSpec()
 
@@ -41,7 +41,7 @@ def test_matches_plain_python_reference(batch):
 @settings(max_examples=100, deadline=None)
 @given(token_batches())
 def test_last_position_labels_match_the_full_oracle(batch):
-    from advsearch.oracle import first_unique_last
+    from advsearch.model.oracle import first_unique_last
 
     vocab, toks = batch
     assert first_unique_last(toks, vocab).tolist() == first_unique(toks, vocab)[:, -1].tolist()

@@ -1,9 +1,9 @@
 import torch
 import torch.nn.functional as F
 
-from advsearch.determinism import eval_threads
-from advsearch.evaluator import Evaluator
-from advsearch.prefix import KV, blocks, encode, extend
+from advsearch.model.determinism import eval_threads
+from advsearch.model.evaluator import Evaluator
+from advsearch.model.prefix import KV, blocks, encode, extend
 from strategies.exhaustive import prefixes
 
 

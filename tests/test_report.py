@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from advsearch.cli_mechanism import explain_cmd
-from advsearch.cli_report import report_cmd
-from advsearch.model import DEFAULT_MODEL
-from advsearch.report import read_run, wilson, write_report
+from advsearch.cli.mechanism import explain_cmd
+from advsearch.cli.reports import report_cmd
+from advsearch.model.checkpoint import DEFAULT_MODEL
+from advsearch.reports.report import read_run, wilson, write_report
 
 TOP = 3
 RUN_FIGURES = ["fig-position", "fig-confidence", "fig-confusion", "fig-categories", "fig-mech-l0", "fig-mech-l1"]
@@ -46,13 +46,14 @@ def one_line_error(result, code=2):
 @pytest.fixture(scope="module")
 def random_run(tmp_path_factory, challenge):
     """A real random run on the challenge checkpoint, with the explanation columns."""
-    from advsearch.evaluator import Evaluator
-    from advsearch.explain import Explainer
-    from advsearch.runner import run_search
-    from strategies import RunConfig, make_strategy
+    from advsearch.model.evaluator import Evaluator
+    from advsearch.mechanism.explain import Explainer
+    from advsearch.search.runner import run_search
+    from advsearch.search.configs import RandomConfig
+    from strategies import make_strategy
 
     out = tmp_path_factory.mktemp("runs") / "random"
-    strategy = make_strategy("random", challenge.spec, RunConfig(budget=1000, seed=0))
+    strategy = make_strategy("random", challenge.spec, RandomConfig(budget=1000, seed=0))
     run_search(challenge, strategy, out, Evaluator(challenge.weights, "cpu"), explainer=Explainer(challenge),
                progress=False)  # fmt: skip
     return out
@@ -166,11 +167,12 @@ def test_report_size_does_not_grow_with_the_run(report, random_run, tmp_path, ch
 
 
 def test_exhaustive_report_shows_rate_by_length(tmp_path, challenge):
-    from advsearch.evaluator import Evaluator
-    from advsearch.runner import run_search
-    from strategies import RunConfig, make_strategy
+    from advsearch.model.evaluator import Evaluator
+    from advsearch.search.runner import run_search
+    from advsearch.search.configs import ExhaustiveConfig
+    from strategies import make_strategy
 
-    strategy = make_strategy("exhaustive", challenge.spec, RunConfig(max_len=3))
+    strategy = make_strategy("exhaustive", challenge.spec, ExhaustiveConfig(max_len=3))
     run_search(challenge, strategy, tmp_path / "ex", Evaluator(challenge.weights, "cpu"), progress=False)
     path, _ = write_report(tmp_path / "ex", top=1, loaded=challenge)
     figs = figure_data(path.read_text())

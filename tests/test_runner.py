@@ -2,9 +2,10 @@ import csv
 
 import torch
 
-from advsearch.evaluator import Evaluator
-from advsearch.runner import run_search
-from strategies.base import Proposal, RunConfig, Strategy
+from advsearch.model.evaluator import Evaluator
+from advsearch.search.runner import run_search
+from advsearch.search.configs import SampledConfig
+from strategies.base import Proposal, Strategy
 
 
 class Repeats(Strategy):
@@ -13,7 +14,7 @@ class Repeats(Strategy):
     name = "repeats"
 
     def __init__(self, spec, tokens):
-        super().__init__(spec, RunConfig())
+        super().__init__(spec, SampledConfig())
         self.tokens, self.done = tokens, False
 
     def propose(self):

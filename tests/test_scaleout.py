@@ -12,8 +12,9 @@ import sys
 import pytest
 import torch
 
-from advsearch.spec import ModelSpec
-from strategies import RunConfig, make_strategy
+from advsearch.model.spec import ModelSpec
+from advsearch.search.configs import ExhaustiveConfig
+from strategies import make_strategy
 
 from .conftest import drive, interrupt_judging, invoke, rows
 from .test_cli import one_line_error
@@ -30,7 +31,7 @@ RUNS = {
 }
 # Runs the CLI once per argument list (JSON in argv[1]) in one process, after printing torch's thread count.
 RUN_MANY = """import json, sys, torch
-from advsearch.cli import main
+from advsearch.cli.main import main
 print(torch.get_num_threads(), flush=True)
 for args in json.loads(sys.argv[1]):
     main(args, standalone_mode=False)
@@ -103,8 +104,8 @@ def test_runs_are_byte_identical_whatever_the_thread_count(omp, two_threads, cha
 
 def test_the_evaluator_ignores_the_callers_thread_count(challenge):
     """A 6-token sequence is a [6, 42] @ [42, 126] product in layer 1: a shape MKL sums differently on 1 and 2 threads."""
-    from advsearch.determinism import EVAL_THREADS
-    from advsearch.evaluator import Evaluator
+    from advsearch.model.determinism import EVAL_THREADS
+    from advsearch.model.evaluator import Evaluator
 
     tokens, before = challenge.spec.encode("?abcab")[None], torch.get_num_threads()
     out = {}
@@ -119,7 +120,7 @@ def test_the_evaluator_ignores_the_callers_thread_count(challenge):
 
 
 def test_a_resumed_exhaustive_strategy_first_recomputes_the_chunks_on_the_way_down():
-    config = RunConfig(max_len=4, batch_size=70)
+    config = ExhaustiveConfig(max_len=4, batch_size=70)
     strategy, whole, states = make_strategy("exhaustive", SPEC, config), [], {}
     for cut in (1, 5, 17, 40, 90):
         whole += drive(strategy, limit=cut - len(whole))

@@ -1,9 +1,9 @@
 import torch
 
-from advsearch.evaluator import Evaluator
-from advsearch.judge import judge
-from advsearch.spec import ModelSpec
-from advsearch.strategy_config import ExhaustiveConfig, RandomConfig
+from advsearch.model.evaluator import Evaluator
+from advsearch.model.judge import judge
+from advsearch.model.spec import ModelSpec
+from advsearch.search.configs import ExhaustiveConfig, RandomConfig
 from strategies import make_strategy
 
 from .conftest import drive
@@ -86,7 +86,7 @@ def test_prefix_sharing_resumes_from_saved_state(challenge):
 
 
 def test_each_strategy_owns_the_config_the_cli_builds_its_options_from():
-    from advsearch.strategy_config import SEED_FROM, STRATEGY_CONFIGS
+    from advsearch.search.configs import SEED_FROM, STRATEGY_CONFIGS
     from strategies import STRATEGIES
 
     assert list(STRATEGY_CONFIGS) == list(STRATEGIES)
@@ -95,11 +95,3 @@ def test_each_strategy_owns_the_config_the_cli_builds_its_options_from():
         assert cls.config_class is STRATEGY_CONFIGS[name]
         assert "tables" not in cls.config_class.__dataclass_fields__  # computed, passed to the constructor
         assert "model_sha256" not in cls.config_class.__dataclass_fields__
-
-
-def test_a_legacy_run_config_is_split_into_the_strategy_config():
-    from strategies import RunConfig
-
-    legacy = make_strategy("exhaustive", SPEC, RunConfig(max_len=3, batch_size=300, budget=5))
-    assert legacy.config == ExhaustiveConfig(max_len=3, batch_size=300)
-    assert legacy.params() == make_strategy("exhaustive", SPEC, ExhaustiveConfig(max_len=3, batch_size=300)).params()

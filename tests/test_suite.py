@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from advsearch.errors import AdvsearchError
-from advsearch.model import load_model, read_state_dict
-from advsearch.suite import judge_last, read_run, read_suite
-from advsearch.evaluator import Evaluator
-from advsearch.testing import assert_robust, evaluate_suite
+from advsearch.model.checkpoint import load_model, read_state_dict
+from advsearch.regress.suite import judge_last, read_run, read_suite
+from advsearch.model.evaluator import Evaluator
+from advsearch.regress.testing import assert_robust, evaluate_suite
 
 from .conftest import invoke
 

@@ -2,8 +2,8 @@
 
 import torch
 
-from advsearch.spec import ModelSpec
-from advsearch.tokens import one_letter_neighbours, pad_prefixes
+from advsearch.model.spec import ModelSpec
+from advsearch.model.tokens import one_letter_neighbours, pad_prefixes
 
 SPEC = ModelSpec()
 

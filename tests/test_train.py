@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from advsearch.evaluator import Evaluator
-from advsearch.model import expected_shapes, load_model
-from advsearch.oracle import first_unique
-from advsearch.spec import ModelSpec
-from advsearch.train import RawTransformer, make_dataset, train
+from advsearch.model.evaluator import Evaluator
+from advsearch.model.checkpoint import expected_shapes, load_model
+from advsearch.model.oracle import first_unique
+from advsearch.model.spec import ModelSpec
+from advsearch.model.train import RawTransformer, make_dataset, train
 
 # Short enough for a test, long enough to beat copying the first letter (see test_training_learns_something).
 SMALL = dict(epochs=2, n_train=4096, n_val=512, batch_size=64, lr=1e-2, progress=False)

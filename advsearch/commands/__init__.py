@@ -1,0 +1,1 @@
+"""Commands that compose strategies with the core: search set-up, benchmarks, hardening, model comparison, scale-out."""

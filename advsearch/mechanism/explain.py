@@ -1,0 +1,544 @@
+"""Per-failure explanations: structure in the loaded model's terms, attribution, and a
+controlled causal check.
+
+For a failing position k (truth t*, prediction p) an `Explanation` holds:
+
+Structure (from the prefix and the loaded checkpoint's `MechanismTables`)
+    Duplicated, unique and absent letters; the layer-1 heads responsible for t*
+    and p, r(t*) and r(p); the *load* on r(t*) (the duplicated letters of its
+    responsibility set, which it must push down while it lifts t*); and the
+    *detectors*: for each duplicate that matters (p when it is duplicated, the
+    load letters), every layer-0 head's attention from the latest copy to the
+    earlier ones, against that head's entry for the letter in the tables. A head
+    *flagged* the duplicate when that attention reaches the tables' duplicate
+    threshold, and *missed* it when the tables call it a detector of that letter
+    but it stayed below.
+
+Category (first matching rule; only the prefix and the responsibility sets decide)
+    qmark_expected             t* = ?, p occurs more than once.
+    absent_letter_predicted    t* = ?, p does not occur.
+    unique_missed_qmark        t* an earlier unique letter, p = ?.
+    first_instance_missed      t* is the letter at k itself, its first instance.
+    duplicate_not_suppressed   t* a letter, p occurs more than once.
+    overloaded_head            t* earlier unique, p a later unique letter of another
+                               head's set, and r(t*) carries a load.
+    later_unique_preferred     t* earlier unique, p a later unique letter otherwise.
+    set_mate_predicted         t* a letter, p an absent letter of r(t*)'s set.
+    other                      t* a letter, p an absent letter of another set.
+
+Attribution (linear, from one clean run; `advsearch.mechanism.paths`)
+    Each path src->dst (src: embed, 0.h; dst: logits, 1.j), each layer-0 head and
+    each layer-1 head's output, credited with its contribution to each logit
+    relative to its mean. `deciding_path` is the path credited with most of the
+    gap logit(p) − logit(t*).
+
+Causal check (measured; `advsearch.mechanism.paths.PathModel.run`)
+    The explanation names the smallest set of components whose mean ablation
+    makes the model answer t*, found by search over measured effects: every
+    single component (16 paths, 6 heads), then sets of 2 to `MAX_SET` drawn from
+    the `PAIR_POOL` paths with the largest measured single effects, or from one
+    layer's heads. At equal size a path is named before a head (it says more),
+    and among those that fix the failure the one with the largest effect.
+    `check` is `confirmed` when such a set exists, `refuted` when no set of up to
+    `MAX_SET` components does (the named set is then the largest-effect one
+    tried), `none` for a correct position. The path forward runs in float64, so
+    a row's numbers do not depend on the other rows of its batch.
+
+    Because the named set is found by search, `confirmed` alone says only that a
+    few components suffice. The evidence is the *control*: the same number of
+    ablations of the same kind — for each named path, the path into the same
+    destination from another source; for each named head, another head of the
+    same layer — chosen, among those the explanation does not name, as the one
+    closest in size to the named component (the norm of its deviation from its
+    mean, which is what mean ablation removes). The control does not look at the
+    failure's logits, so it can come out either way. `control` is `fixed` or
+    `not_fixed` (`none` when every sibling is named). A confirmation is
+    *specific* when the control is `not_fixed`.
+
+    `effect` and `control_effect` are the changes of logit(t*) − logit(p) under
+    the two interventions (positive: towards the truth).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from itertools import combinations
+
+import torch
+
+from advsearch.errors import AdvsearchError
+from advsearch.mechanism.tables import MechanismTables, compute_tables, reference_batch
+from advsearch.model.oracle import first_unique
+from advsearch.mechanism.paths import PathModel
+
+MAX_SET = 4  # the largest component set the search tries
+PAIR_POOL = 6  # larger sets are drawn from this many paths (or one layer's heads) with the largest effects
+
+CATEGORIES = (
+    "qmark_expected",
+    "absent_letter_predicted",
+    "unique_missed_qmark",
+    "first_instance_missed",
+    "duplicate_not_suppressed",
+    "overloaded_head",
+    "later_unique_preferred",
+    "set_mate_predicted",
+    "other",
+    "correct",
+)
+CHECK_RESULTS = ("confirmed", "refuted", "none")
+CONTROL_RESULTS = ("fixed", "not_fixed", "none")
+CSV_COLUMNS = ("category", "resp_head_true", "resp_head_pred", "load", "detectors", "deciding_path",
+               "components", "check", "control", "effect", "control_effect")  # fmt: skip
+
+
+def _head(h: int | None) -> str:
+    return "" if h is None else f"1.{h}"
+
+
+class Components:
+    """The ablatable components of a 2-layer model with `n_heads` heads per layer.
+
+    Index order: the paths src->dst (src-major: embed, 0.0, ...; dst: logits, 1.0, ...), then the
+    layer-0 heads, then the layer-1 heads. `masks` turns sets of indices into the keep masks
+    `PathModel.ablate` takes; `siblings` says which components are of the same kind.
+    """
+
+    def __init__(self, n_heads: int):
+        self.n_heads = H = n_heads
+        self.sources = ["embed"] + [f"0.{h}" for h in range(H)]
+        self.dests = ["logits"] + [f"1.{h}" for h in range(H)]
+        self.n_paths = P = len(self.sources) * len(self.dests)
+        self.names = [f"{s}->{d}" for s in self.sources for d in self.dests]
+        self.names += [f"0.{h}" for h in range(H)] + [f"1.{h}" for h in range(H)]
+        S, D = len(self.sources), len(self.dests)
+        keep = torch.ones(len(self.names), S, D, dtype=torch.bool)
+        keep_out = torch.ones(len(self.names), H, dtype=torch.bool)
+        for c in range(P):
+            keep[c, c // D, c % D] = False
+        for h in range(H):
+            keep[P + h, 1 + h] = False
+            keep_out[P + H + h, h] = False
+        self.single_keep, self.single_keep_out = keep, keep_out  # one mask per component
+        self.path_mask = torch.arange(len(self.names)) < P
+
+    def is_path(self, c: int) -> bool:
+        return c < self.n_paths
+
+    def siblings(self, c: int) -> list[int]:
+        """Components of the same kind as c: paths into the same destination, heads of the same layer."""
+        D, P, H = len(self.dests), self.n_paths, self.n_heads
+        if c < P:
+            return [s * D + c % D for s in range(len(self.sources)) if s * D + c % D != c]
+        first = P if c < P + H else P + H
+        return [x for x in range(first, first + H) if x != c]
+
+    def masks(self, sets: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep masks [N, S, D] and [N, H] that mean-ablate each set of components."""
+        member = torch.zeros(len(sets), len(self.names))
+        member[[i for i, cs in enumerate(sets) for _ in cs], [c for cs in sets for c in cs]] = 1.0
+        drop = member @ (~self.single_keep).flatten(1).float()
+        drop_out = member @ (~self.single_keep_out).float()
+        return (drop == 0).view(len(sets), *self.single_keep.shape[1:]), drop_out == 0
+
+
+@dataclass
+class Explanation:
+    """Why the model fails at `position` of `sequence` (see the module docstring)."""
+
+    sequence: str
+    position: int
+    true: str
+    predicted: str
+    category: str
+    reason: str
+    resp_head_true: int | None  # layer-1 head index, None for `?`
+    resp_head_pred: int | None
+    load: int  # duplicated letters of r(t*)'s set
+    load_letters: list[str]
+    detectors: str  # layer-0 heads that flagged or missed the duplicates that matter
+    components: list[str]  # the named component set
+    story: str  # the named components in the tables' terms
+    check: str  # confirmed / refuted / none
+    control: str  # fixed / not_fixed / none
+    control_components: list[str]
+    effect: float  # change of logit(t*) - logit(p) under the named ablation
+    control_effect: float
+    deciding_path: str
+    logit_true: float
+    logit_pred: float
+    paths: dict[str, dict[str, float]]  # "src->dst" -> {"true", "pred"}: attribution relative to the mean
+    heads: dict[str, dict[str, float]]  # "0.h" / "1.j" -> {"true", "pred"}
+    duplicated: list[str]
+    unique: list[str]
+    absent: list[str]
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def margin(self) -> float:
+        return self.logit_pred - self.logit_true
+
+    @property
+    def specific(self) -> bool:
+        return self.check == "confirmed" and self.control == "not_fixed"
+
+    def columns(self) -> dict[str, str | int | float]:
+        """The explanation columns of failures.csv."""
+        return {
+            "category": self.category,
+            "resp_head_true": _head(self.resp_head_true),
+            "resp_head_pred": _head(self.resp_head_pred),
+            "load": self.load,
+            "detectors": self.detectors,
+            "deciding_path": self.deciding_path,
+            "components": "+".join(self.components),
+            "check": self.check,
+            "control": self.control,
+            "effect": round(self.effect, 4),
+            "control_effect": round(self.control_effect, 4),
+        }
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["margin"] = self.margin
+        d["specific"] = self.specific
+        d["resp_head_true"] = _head(self.resp_head_true) or None
+        d["resp_head_pred"] = _head(self.resp_head_pred) or None
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def format_text(self) -> str:
+        s, k = self.sequence, self.position
+        named = "+".join(self.components) or "-"
+        control = "+".join(self.control_components) or "-"
+        lines = [
+            f"{s[: k + 1]}  position {k} ('{s[k]}'): true {self.true!r}, predicted {self.predicted!r} "
+            f"(logits {self.logit_true:.2f} vs {self.logit_pred:.2f}, gap {self.margin:+.2f})",
+            f"  category   {self.category}: {self.reason}",
+            f"  structure  duplicated [{''.join(self.duplicated) or '-'}]  unique [{''.join(self.unique) or '-'}]  "
+            f"absent [{''.join(self.absent) or '-'}]",
+            f"             r(true)={_head(self.resp_head_true) or '-'}  r(pred)={_head(self.resp_head_pred) or '-'}  "
+            f"load on r(true): {self.load} [{''.join(self.load_letters) or '-'}]",
+            f"  detectors  {self.detectors or '-'}",
+            f"  check      {self.check}: ablating {named} (to its mean) moves logit(true)-logit(pred) by "
+            f"{self.effect:+.2f}",
+            f"             {self.story}",
+            f"  control    {self.control}: ablating {control} (same kind, like-sized, not named) moves it by "
+            f"{self.control_effect:+.2f}" + ("  => specific" if self.specific else ""),
+            f"  attribution relative to the mean (pred-true; deciding path {self.deciding_path or '-'}):",
+        ]
+        srcs = list(dict.fromkeys(n.split("->")[0] for n in self.paths))
+        dsts = list(dict.fromkeys(n.split("->")[1] for n in self.paths))
+        lines.append("    " + " " * 7 + "".join(f"{d:>9}" for d in dsts))
+        for x in srcs:
+            row = "".join(f"{self.paths[f'{x}->{d}']['pred'] - self.paths[f'{x}->{d}']['true']:+9.2f}" for d in dsts)
+            lines.append(f"    {x:<7}{row}")
+        heads = "  ".join(f"{h} {v['pred'] - v['true']:+.2f}" for h, v in self.heads.items())
+        lines.append(f"    heads  {heads}")
+        return "\n".join(lines)
+
+
+class Explainer:
+    """Explains failures of one model, batched on the path forward (`advsearch.mechanism.paths`).
+
+    `tables` default to `compute_tables(model)`; `device` is where the path forward runs.
+    """
+
+    columns = CSV_COLUMNS  # what `Explanation.columns()` fills in failures.csv
+
+    def __init__(self, model, tables: MechanismTables | None = None, device: str | torch.device = "cpu"):
+        if model.spec.n_layers != 2:
+            raise AdvsearchError(f"explanations need a 2-layer model; this one has {model.spec.n_layers} layers")
+        self.spec = model.spec
+        self.tables = tables if tables is not None else compute_tables(model)
+        # float64: a row's numbers must not depend on which other rows share its batch (BLAS kernels
+        # round differently per batch shape), so that runs are byte-identical whatever their batching
+        self.paths = PathModel(model.weights, reference_batch(model.spec), device, dtype=torch.float64)
+        self.comp = Components(model.spec.n_heads)
+        self.q = self.spec.qmark
+
+    def explain(self, tokens: torch.Tensor, pos: int) -> Explanation:
+        return self.explain_many([(tokens, pos)])[0]
+
+    def explain_many(self, items: list[tuple[torch.Tensor, int]], batch_size: int = 1024) -> list[Explanation]:
+        """Explain many (tokens, position) pairs, batched by prefix length."""
+        prefixes: list[tuple[int, ...]] = []
+        for toks, pos in items:
+            toks = torch.as_tensor(toks).flatten()
+            if not 0 <= pos < len(toks):
+                raise AdvsearchError(f"position {pos} is outside a sequence of {len(toks)} tokens")
+            p = tuple(int(x) for x in toks[: pos + 1])
+            if p[0] != self.q or any(not 0 <= x < self.q for x in p[1:]):
+                raise AdvsearchError(f"{self.spec.decode(p)!r} is not '?' followed by letters")
+            prefixes.append(p)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, p in enumerate(prefixes):
+            groups[len(p)].append(i)
+        out: list[Explanation | None] = [None] * len(prefixes)
+        for _, idxs in sorted(groups.items()):
+            for start in range(0, len(idxs), batch_size):
+                chunk = idxs[start : start + batch_size]
+                for i, ex in zip(chunk, self._explain_batch(torch.tensor([prefixes[i] for i in chunk]))):
+                    out[i] = ex
+        return out  # type: ignore[return-value]
+
+    # ---- the batch --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _explain_batch(self, toks: torch.Tensor) -> list[Explanation]:
+        comp, pm = self.comp, self.paths
+        B = len(toks)
+        ar = torch.arange(B)
+        clean = pm.run(toks)
+        att = pm.attribute(clean)
+        truth = first_unique(toks, self.q)[:, -1]
+        pred = clean.logits.argmax(-1).cpu()
+        logits = clean.logits.cpu()
+        gap = logits[ar, pred] - logits[ar, truth]  # > 0 for a failure
+        failing = (pred != truth).nonzero().flatten().tolist()
+
+        # search: every single component for every failing row, then pairs and triples where no smaller set fixes
+        named: dict[int, tuple[tuple[int, ...], float, bool]] = {}  # row -> (set, effect, fixed)
+        eff1 = torch.zeros(B, len(comp.names), dtype=torch.float64)
+        if failing:
+            rows = torch.tensor(failing)
+            n = len(comp.names)
+            e, f = self._ablate(clean, truth, pred, gap, rows.repeat_interleave(n),
+                                comp.single_keep.repeat(len(rows), 1, 1), comp.single_keep_out.repeat(len(rows), 1))
+            e, f = e.view(-1, n), f.view(-1, n)
+            eff1[rows] = e
+            # a fixing component if any, a path before a head, then the largest effect
+            best = (e + 1e4 * f + 1e3 * (f & comp.path_mask)).argmax(1)
+            at = torch.arange(len(rows))
+            for b, c, ev, fv in zip(failing, best.tolist(), e[at, best].tolist(), f[at, best].tolist()):
+                named[b] = ((c,), ev, fv)
+        for size in range(2, MAX_SET + 1):
+            todo = {b: self._candidates(eff1[b], size) for b in failing if not named[b][2]}
+            if not todo:
+                break
+            e, f = self._measure(clean, truth, pred, gap, todo)
+            for b, sets in todo.items():
+                best = self._best(sets, e[b], f[b])
+                if best[2] or size == MAX_SET:
+                    named[b] = best
+
+        # controls: like-sized siblings the explanation does not name
+        sizes = self._sizes(clean)
+        controls = {b: self._control(named[b][0], sizes[b]) for b in failing}
+        with_control = {b: [c] for b, c in controls.items() if c is not None}
+        ce, cf = self._measure(clean, truth, pred, gap, with_control) if with_control else ({}, {})
+
+        # attribution rows for the text
+        names = comp.names
+        allc = torch.cat([att["paths"].flatten(1, 2), att["heads0"], att["heads1"]], 1).cpu()  # [B, C, V]
+        at_t, at_p = allc[ar, :, truth].tolist(), allc[ar, :, pred].tolist()
+        l0 = clean.pattern0.cpu().numpy()
+        out = []
+        for b in range(B):
+            s_named, effect, fixed = named.get(b, ((), 0.0, False))
+            check = "none" if b not in named else ("confirmed" if fixed else "refuted")
+            ctrl = controls.get(b)
+            control = "none" if ctrl is None else ("fixed" if cf[b][0] else "not_fixed")
+            out.append(self._explanation(
+                toks[b].tolist(), int(truth[b]), int(pred[b]), float(logits[b, truth[b]]), float(logits[b, pred[b]]),
+                at_t[b], at_p[b], l0[b], s_named, check, effect, ctrl or (), control,
+                ce[b][0] if ctrl is not None else 0.0, names))  # fmt: skip
+        return out
+
+    def _ablate(self, clean, truth, pred, gap, rows, keep, keep_out) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per variant: the change of logit(t*) − logit(p) and whether the model then answers t*."""
+        logits = self.paths.ablate(clean, rows, keep, keep_out).cpu()
+        ar = torch.arange(len(rows))
+        t, p = truth[rows], pred[rows]
+        return gap[rows] - (logits[ar, p] - logits[ar, t]), logits.argmax(-1) == t
+
+    def _measure(self, clean, truth, pred, gap, sets: dict[int, list[tuple[int, ...]]]):
+        """`_ablate` for each row's list of component sets; per row, the lists of effects and fixes."""
+        rows = [b for b, ss in sets.items() for _ in ss]
+        keep, keep_out = self.comp.masks([s for ss in sets.values() for s in ss])
+        effect, fixed = self._ablate(clean, truth, pred, gap, torch.tensor(rows), keep, keep_out)
+        e: dict[int, list[float]] = defaultdict(list)
+        f: dict[int, list[bool]] = defaultdict(list)
+        for r, ev, fv in zip(rows, effect.tolist(), fixed.tolist()):
+            e[r].append(ev)
+            f[r].append(fv)
+        return e, f
+
+    def _best(self, sets, effects, fixed) -> tuple[tuple[int, ...], float, bool]:
+        """The set to name: a fixing one if any (paths before heads, then the largest effect), else the
+        one with the largest effect."""
+        def rank(i):
+            return (fixed[i], all(self.comp.is_path(c) for c in sets[i]), effects[i])
+
+        i = max(range(len(sets)), key=rank)
+        return sets[i], effects[i], fixed[i]
+
+    def _candidates(self, eff1: torch.Tensor, size: int) -> list[tuple[int, ...]]:
+        """Sets of `size` components: from the paths with the largest single effects, and from each layer's heads."""
+        P, H = self.comp.n_paths, self.comp.n_heads
+        top = sorted(eff1[:P].argsort(descending=True)[:PAIR_POOL].tolist())
+        sets = list(combinations(top, size))
+        for first in (P, P + H):
+            sets += list(combinations(range(first, first + H), size))
+        return sets
+
+    def _sizes(self, clean) -> torch.Tensor:
+        """How much each component's ablation removes: the norm of its deviation from its mean
+        ([B, C]; paths and layer-0 heads over the positions read, layer-1 heads at k)."""
+        pm, comp = self.paths, self.comp
+        B, S, L, _ = clean.sources.shape
+        dev = clean.deviation.view(B, S, L, -1).norm(dim=-1)  # [B, S, L]
+        rms = dev.pow(2).mean(-1).sqrt()  # [B, S]
+        at_k = dev[:, :, -1]
+        D = len(comp.dests)
+        paths = torch.stack([at_k] + [rms] * (D - 1), 2).flatten(1)  # [B, S*D]: direct paths read k only
+        out1 = (clean.out1 - pm.mean_out1[:, L - 1][None]).norm(dim=-1)  # [B, H]
+        return torch.cat([paths, rms[:, 1:], out1], 1).cpu()
+
+    def _control(self, named: tuple[int, ...], sizes: torch.Tensor) -> tuple[int, ...] | None:
+        """For each named component, the sibling closest in size that is neither named nor already used."""
+        chosen: list[int] = []
+        for c in named:
+            options = [x for x in self.comp.siblings(c) if x not in named and x not in chosen]
+            if not options:
+                return None
+            chosen.append(min(options, key=lambda x: abs(float(sizes[x] - sizes[c]))))
+        return tuple(chosen)
+
+    # ---- one explanation ----------------------------------------------------------------------
+    def _explanation(self, p, t, pr, logit_t, logit_p, at_t, at_p, l0, named, check, effect, control_set,
+                     control, control_effect, names) -> Explanation:  # fmt: skip
+        V, q, tab = self.spec.vocab, self.q, self.tables
+        R, sets = tab.responsible_head, tab.responsibility_sets
+        counts = Counter(p[1:])
+        order = list(dict.fromkeys(p[1:]))
+        dup = [x for x in order if counts[x] >= 2]
+        uni = [x for x in order if counts[x] == 1]
+        absent = [x for x in range(q) if counts[x] == 0]
+        rt = R[t] if t < q else None
+        rp = R[pr] if pr < q else None
+        load_letters = [x for x in dup if rt is not None and R[x] == rt]
+        cat, reason = self._categorise(p, t, pr, counts, load_letters, rt, rp)
+        P = self.comp.n_paths
+        paths = {names[c]: {"true": at_t[c], "pred": at_p[c]} for c in range(P)}
+        heads = {names[c]: {"true": at_t[c], "pred": at_p[c]} for c in range(P, len(names))}
+        gaps = {n: v["pred"] - v["true"] for n, v in paths.items()}
+        matter = ([pr] if pr < q and counts[pr] >= 2 else []) + load_letters
+        if t == q and rp is not None:
+            matter += [x for x in dup if R[x] == rp]
+        return Explanation(
+            sequence=self.spec.decode(p),
+            position=len(p) - 1,
+            true=V[t],
+            predicted=V[pr],
+            category=cat,
+            reason=reason,
+            resp_head_true=rt,
+            resp_head_pred=rp,
+            load=len(load_letters),
+            load_letters=[V[x] for x in load_letters],
+            detectors=self._detectors(p, list(dict.fromkeys(matter))[:3], l0),
+            components=[names[c] for c in named],
+            story=self._story(named, t, pr, sets),
+            check=check,
+            control=control,
+            control_components=[names[c] for c in control_set],
+            effect=float(effect),
+            control_effect=float(control_effect),
+            deciding_path=max(gaps, key=gaps.get) if pr != t else "",
+            logit_true=logit_t,
+            logit_pred=logit_p,
+            paths=paths,
+            heads=heads,
+            duplicated=[V[x] for x in dup],
+            unique=[V[x] for x in uni],
+            absent=[V[x] for x in absent],
+        )
+
+    def _categorise(self, p, t, pr, counts, load_letters, rt, rp) -> tuple[str, str]:
+        V, q = self.spec.vocab, self.q
+        k = len(p) - 1
+        if pr == t:
+            return "correct", "the model predicts the truth here"
+        if t == q:
+            if counts[pr] >= 2:
+                return "qmark_expected", f"every letter is duplicated, yet {V[pr]!r} ({counts[pr]} copies) beat '?'"
+            return "absent_letter_predicted", f"every letter is duplicated and {V[pr]!r}, which does not occur, beat '?'"
+        if pr == q and p[k] != t:
+            return "unique_missed_qmark", f"{V[t]!r} (position {p.index(t)}) is unique but fell below '?'"
+        if p[k] == t and counts[t] == 1:
+            return "first_instance_missed", f"{V[t]!r} appears for the first time here but lost to {V[pr]!r}"
+        if counts[pr] >= 2:
+            return "duplicate_not_suppressed", (
+                f"{V[pr]!r} occurs {counts[pr]} times but was not pushed below the unique {V[t]!r}"
+            )
+        if counts[pr] == 1:
+            if load_letters and rt != rp:
+                return "overloaded_head", (
+                    f"{_head(rt)}, responsible for {V[t]!r}, also carries the duplicated "
+                    f"{''.join(V[x] for x in load_letters)} of its set; the later unique {V[pr]!r} "
+                    f"({_head(rp)}'s set) wins"
+                )
+            return "later_unique_preferred", (
+                f"{V[t]!r} (position {p.index(t)}) lost to the later unique {V[pr]!r} (position {p.index(pr)})"
+            )
+        if rt == rp:
+            return "set_mate_predicted", f"{V[pr]!r}, absent, is a set-mate of the unique {V[t]!r} under {_head(rt)}"
+        return "other", f"{V[pr]!r}, absent and of another head's set, beat the unique {V[t]!r}"
+
+    def _detectors(self, p, letters: list[int], l0: torch.Tensor) -> str:
+        """For each duplicated letter, the layer-0 heads that flagged (attention from its latest copy to
+        the earlier ones at least the tables' threshold) or missed (a detector of it in the tables, below)."""
+        V, tab = self.spec.vocab, self.tables
+        thr, diag = tab.dup_threshold, tab.l0_diag
+        parts = []
+        for x in letters:
+            where = [i for i, y in enumerate(p) if y == x]
+            last, earlier = where[-1], where[:-1]
+            notes = []
+            for h, a in enumerate(l0[:, last, earlier].sum(-1).tolist()):
+                if a >= thr:
+                    notes.append(f"0.{h} flagged {a:.2f}")
+                elif diag[h][x] > thr:
+                    notes.append(f"0.{h} missed {a:.2f}")
+            parts.append(f"{V[x]}: " + (", ".join(notes) or "no head flagged"))
+        return "; ".join(parts)
+
+    def _story(self, named: tuple[int, ...], t: int, pr: int, sets: list[list[int]]) -> str:
+        """The named components in the tables' terms."""
+        V, comp, tab = self.spec.vocab, self.comp, self.tables
+        P, H, D = comp.n_paths, comp.n_heads, len(comp.dests)
+
+        def l1(j: int) -> str:
+            role = [f"{w} {V[x]!r}" for w, x in (("truth", t), ("prediction", pr)) if x < self.q and tab.responsible_head[x] == j]
+            return f"1.{j} (set {''.join(V[x] for x in sets[j]) or '-'}" + (f"; holds the {', '.join(role)})" if role else ")")
+
+        def l0(h: int) -> str:
+            det = "".join(V[x] for x in tab.detectors[h])
+            return f"0.{h} (detects duplicates of {det})" if det else f"0.{h} (detects no duplicates)"
+
+        parts = []
+        for c in named:
+            if c < P:
+                s, d = divmod(c, D)
+                src = "embed" if s == 0 else l0(s - 1)
+                parts.append(f"{src} read {'directly by the unembedding' if d == 0 else 'by ' + l1(d - 1)}")
+            elif c < P + H:
+                parts.append(l0(c - P))
+            else:
+                parts.append(l1(c - P - H))
+        return "; ".join(parts) if parts else "no component named"
+
+
+@torch.no_grad()
+def failing_positions(model, tokens: torch.Tensor) -> list[int]:
+    """Positions of a 1-D token sequence where the model's argmax differs from the truth (fused forward)."""
+    from advsearch.model.evaluator import Evaluator
+
+    toks = torch.as_tensor(tokens).flatten()[None]
+    pred = Evaluator(model.weights, device="cpu").logits(toks)[0].argmax(-1)
+    truth = first_unique(toks, model.spec.qmark)[0]
+    return [int(k) for k in (pred != truth).nonzero().flatten()]

@@ -1,0 +1,99 @@
+"""Turn logits and oracle labels into per-position verdicts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from advsearch.model.oracle import first_unique, first_unique_last
+
+YIELD_CONFIDENCE = 0.9  # a sequence is a "hit" when it has a failure with p_pred >= this
+
+
+def best_wrong(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """The class with the largest logit other than `label` (the first such on ties); `label` has
+    the shape of `logits` without its last (class) dimension."""
+    return logits.scatter(-1, label.unsqueeze(-1), float("-inf")).argmax(-1)
+
+
+def logit_margin(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """`max_{c != label} logit_c - logit_label` at every position, in the dtype of `logits`.
+
+    The one sign convention of the project: positive exactly where the argmax is not `label` (a
+    failure when `label` is the truth; there it equals logit(prediction) - logit(truth)), negative
+    where `label` wins, by how much it wins; 0 on a tie. Its negation is how far `label` leads.
+    """
+    others = logits.scatter(-1, label.unsqueeze(-1), float("-inf"))
+    return others.amax(-1) - logits.gather(-1, label.unsqueeze(-1)).squeeze(-1)
+
+
+@dataclass
+class Judged:
+    """Verdicts for a batch; every tensor is [batch, seq]. `judged` marks the positions looked at;
+    the other entries are not meaningful."""
+
+    tokens: torch.Tensor
+    true: torch.Tensor
+    pred: torch.Tensor
+    p_true: torch.Tensor
+    p_pred: torch.Tensor
+    margin: torch.Tensor  # logit_margin against the truth: > 0 exactly at failures (0 where there are no logits)
+    failure: torch.Tensor
+    confident: torch.Tensor
+    judged: torch.Tensor
+    logits: torch.Tensor | None = None  # [batch, seq, vocab] (0 where not judged), for objectives
+
+    def hits(self, threshold: float = YIELD_CONFIDENCE) -> torch.Tensor:
+        """[batch] bool: the sequence has a judged failure with p_pred >= threshold."""
+        return (self.failure & (self.p_pred >= threshold)).any(1)
+
+    def failing(self) -> torch.Tensor:
+        """[n, 2] (row, position) pairs of judged failures, in row-major order."""
+        return (self.failure & self.judged).nonzero()
+
+
+def judge(
+    tokens: torch.Tensor,
+    logits: torch.Tensor,
+    qmark: int,
+    min_confidence: float = 0.5,
+    judge_from: int = 0,
+) -> Judged:
+    """Judge positions `judge_from..` of each sequence against the first-unique oracle.
+
+    `logits` is [batch, seq, vocab], or [batch, k, vocab] for the last k positions only
+    (as the prefix-sharing evaluator returns); positions without logits are not judged.
+    """
+    batch, seq = tokens.shape
+    first = seq - logits.shape[1]
+    judge_from = max(judge_from, first)
+    if judge_from == seq - 1:  # only the last position is judged
+        true = torch.full_like(tokens, qmark)
+        true[:, -1] = first_unique_last(tokens, qmark)
+    else:
+        true = first_unique(tokens, qmark)
+    logits = logits.float()
+    pred = torch.zeros_like(true)
+    pred[:, first:] = logits.argmax(-1)
+    full_logits = torch.zeros(batch, seq, logits.shape[-1])
+    full_logits[:, first:] = logits
+    if first == 0:
+        probs = torch.zeros_like(full_logits)
+        probs[:, first:] = logits.softmax(-1)
+        p_true = probs.gather(-1, true.unsqueeze(-1)).squeeze(-1)
+        p_pred = probs.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
+        margin = logit_margin(full_logits, true)
+    else:
+        # Only the last positions have logits (prefix sharing): compute on those, with the same
+        # operations per position, and leave the others at what zero logits gave (0, 0 and margin 0).
+        probs, last_true = logits.softmax(-1), true[:, first:]
+        p_true, p_pred, margin = (torch.zeros(batch, seq) for _ in range(3))
+        p_true[:, first:] = probs.gather(-1, last_true.unsqueeze(-1)).squeeze(-1)
+        p_pred[:, first:] = probs.gather(-1, pred[:, first:].unsqueeze(-1)).squeeze(-1)
+        margin[:, first:] = logit_margin(logits, last_true)
+    judged = torch.zeros_like(true, dtype=torch.bool)
+    judged[:, judge_from:] = True
+    failure = (pred != true) & judged
+    return Judged(tokens, true, pred, p_true, p_pred, margin, failure, failure & (p_pred >= min_confidence), judged,
+                  full_logits)

@@ -1,0 +1,1 @@
+"""Robustness regression suites: building, reading and evaluating them against a checkpoint."""
