@@ -62,7 +62,7 @@ Causal check (measured; `advsearch.paths.PathModel.run`)
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 
@@ -264,6 +264,11 @@ class Explainer:
         self.paths = PathModel(model.weights, reference_batch(model.spec), device, dtype=torch.float64)
         self.comp = Components(model.spec.n_heads)
         self.q = self.spec.qmark
+        # the tables' derived views, read for every explanation
+        self._responsible = list(self.tables.responsible_head)
+        self._sets = self.tables.responsibility_sets
+        self._detector_sets = self.tables.detectors
+        self._stories: dict[tuple, str] = {}
 
     def explain(self, tokens: torch.Tensor, pos: int) -> Explanation:
         return self.explain_many([(tokens, pos)])[0]
@@ -279,7 +284,7 @@ class Explainer:
             toks = torch.as_tensor(toks).flatten()
             if not 0 <= pos < len(toks):
                 raise AdvsearchError(f"position {pos} is outside a sequence of {len(toks)} tokens")
-            p = tuple(int(x) for x in toks[: pos + 1])
+            p = tuple(toks[: pos + 1].tolist())
             if p[0] != self.q or any(not 0 <= x < self.q for x in p[1:]):
                 raise AdvsearchError(f"{self.spec.decode(p)!r} is not '?' followed by letters")
             prefixes.append(p)
@@ -356,8 +361,9 @@ class Explainer:
                 open_[sel[fixed]] = False
 
         # controls: like-sized siblings the explanation does not name
-        sizes = self._sizes(clean)
-        named_sets = {b: tuple(c for c in named_set[b].tolist() if c >= 0) for b in rows.tolist()}
+        sizes = self._sizes(clean).tolist()
+        named_list = named_set[rows].tolist()
+        named_sets = {b: tuple(c for c in cs if c >= 0) for b, cs in zip(rows.tolist(), named_list)}
         controls = {b: self._control(s, sizes[b]) for b, s in named_sets.items()}
         ctrl_eff = torch.zeros(N, dtype=torch.float64)
         ctrl_fix = torch.zeros(N, dtype=torch.bool)
@@ -373,9 +379,14 @@ class Explainer:
         names = comp.names
         att = pm.attribute(clean)
         allc = torch.cat([att["paths"].flatten(1, 2), att["heads0"], att["heads1"]], 1).cpu()  # [N, C, V]
-        at_t, at_p = allc[ar, :, truth].tolist(), allc[ar, :, pred].tolist()
-        l0 = clean.pattern0.cpu().numpy()
-        toks_l = toks.tolist()
+        at_t, at_p = allc[ar, :, truth], allc[ar, :, pred]
+        deciding = (at_p - at_t)[:, : comp.n_paths].argmax(1).tolist()  # the first of equals, as max() picks
+        dup_att = self._duplicate_attention(clean).tolist()
+        toks_l, at_t, at_p = toks.tolist(), at_t.tolist(), at_p.tolist()
+        truth_l, pred_l = truth.tolist(), pred.tolist()
+        logit_t, logit_p = logits[ar, truth].tolist(), logits[ar, pred].tolist()
+        named_fix, named_eff = named_fix.tolist(), named_eff.tolist()
+        ctrl_fix, ctrl_eff = ctrl_fix.tolist(), ctrl_eff.tolist()
         out = []
         for n, (b, k) in enumerate(zip(seq.tolist(), pos.tolist())):
             s_named = named_sets.get(n, ())
@@ -383,10 +394,23 @@ class Explainer:
             ctrl = controls.get(n)
             control = "none" if ctrl is None else ("fixed" if ctrl_fix[n] else "not_fixed")
             out.append(self._explanation(
-                toks_l[b][: k + 1], int(truth[n]), int(pred[n]), float(logits[n, truth[n]]), float(logits[n, pred[n]]),
-                at_t[n], at_p[n], l0[b], s_named, check, float(named_eff[n]), ctrl or (), control,
-                float(ctrl_eff[n]) if ctrl is not None else 0.0, names))  # fmt: skip
+                toks_l[b][: k + 1], truth_l[n], pred_l[n], logit_t[n], logit_p[n], at_t[n], at_p[n], dup_att[n],
+                s_named, check, named_eff[n], ctrl or (), control, ctrl_eff[n] if ctrl is not None else 0.0,
+                names[deciding[n]]))  # fmt: skip
         return out
+
+    def _duplicate_attention(self, clean) -> torch.Tensor:
+        """[N, H, letters]: each layer-0 head's attention from the latest copy of each letter (up to k) to
+        its earlier copies (0 for a letter with no earlier copy)."""
+        toks, pattern0 = clean.tokens.cpu(), clean.pattern0.cpu()
+        B, L = toks.shape
+        seq, pos = clean.seq.cpu(), clean.pos.cpu()
+        is_x = toks[:, :, None] == torch.arange(self.q)  # [B, L, letters]
+        where = torch.where(is_x, torch.arange(L)[:, None], -1).cummax(1).values  # latest copy up to each position
+        last = where[seq, pos]  # [N, letters]
+        rows = pattern0[seq[:, None, None], torch.arange(pattern0.shape[1])[:, None], last.clamp(min=0)[:, None]]
+        earlier = is_x[seq].transpose(1, 2) & (torch.arange(L) < last[..., None])  # [N, letters, L]
+        return (rows * earlier[:, None]).sum(-1)  # [N, H, letters]
 
     def _ablate(self, clean, truth, pred, gap, rows, keep, keep_out) -> tuple[torch.Tensor, torch.Tensor]:
         """Per variant of the items `rows`: the change of logit(t*) − logit(p) and whether the model then answers t*."""
@@ -440,39 +464,40 @@ class Explainer:
         out1 = (clean.out1 - pm.mean_out1[:, clean.pos].transpose(0, 1)).norm(dim=-1)  # [N, H]
         return torch.cat([paths, rms[:, 1:], out1], 1).cpu()
 
-    def _control(self, named: tuple[int, ...], sizes: torch.Tensor) -> tuple[int, ...] | None:
+    def _control(self, named: tuple[int, ...], sizes: list[float]) -> tuple[int, ...] | None:
         """For each named component, the sibling closest in size that is neither named nor already used."""
         chosen: list[int] = []
         for c in named:
             options = [x for x in self.comp.siblings(c) if x not in named and x not in chosen]
             if not options:
                 return None
-            chosen.append(min(options, key=lambda x: abs(float(sizes[x] - sizes[c]))))
+            chosen.append(min(options, key=lambda x: abs(sizes[x] - sizes[c])))
         return tuple(chosen)
 
     # ---- one explanation ----------------------------------------------------------------------
-    def _explanation(self, p, t, pr, logit_t, logit_p, at_t, at_p, l0, named, check, effect, control_set,
-                     control, control_effect, names) -> Explanation:  # fmt: skip
-        V, q, tab = self.spec.vocab, self.q, self.tables
-        R, sets = tab.responsible_head, tab.responsibility_sets
-        counts = Counter(p[1:])
+    def _explanation(self, p, t, pr, logit_t, logit_p, at_t, at_p, dup_att, named, check, effect, control_set,
+                     control, control_effect, deciding_path) -> Explanation:  # fmt: skip
+        V, q, R, names = self.spec.vocab, self.q, self._responsible, self.comp.names
+        counts = [0] * (q + 1)
+        for x in p[1:]:
+            counts[x] += 1
         order = list(dict.fromkeys(p[1:]))
         dup = [x for x in order if counts[x] >= 2]
-        uni = [x for x in order if counts[x] == 1]
-        absent = [x for x in range(q) if counts[x] == 0]
         rt = R[t] if t < q else None
         rp = R[pr] if pr < q else None
-        load_letters = [x for x in dup if rt is not None and R[x] == rt]
+        load_letters = [x for x in dup if R[x] == rt] if rt is not None else []
         cat, reason = self._categorise(p, t, pr, counts, load_letters, rt, rp)
         P = self.comp.n_paths
-        paths = {names[c]: {"true": at_t[c], "pred": at_p[c]} for c in range(P)}
-        heads = {names[c]: {"true": at_t[c], "pred": at_p[c]} for c in range(P, len(names))}
-        gaps = {n: v["pred"] - v["true"] for n, v in paths.items()}
+        paths = {n: {"true": a, "pred": b} for n, a, b in zip(names[:P], at_t, at_p)}
+        heads = {n: {"true": a, "pred": b} for n, a, b in zip(names[P:], at_t[P:], at_p[P:])}
         matter = ([pr] if pr < q and counts[pr] >= 2 else []) + load_letters
         if t == q and rp is not None:
             matter += [x for x in dup if R[x] == rp]
+        story = self._stories.get((named, t, pr))
+        if story is None:
+            story = self._stories[named, t, pr] = self._story(named, t, pr, self._sets)
         return Explanation(
-            sequence=self.spec.decode(p),
+            sequence="".join(V[x] for x in p),
             position=len(p) - 1,
             true=V[t],
             predicted=V[pr],
@@ -482,22 +507,22 @@ class Explainer:
             resp_head_pred=rp,
             load=len(load_letters),
             load_letters=[V[x] for x in load_letters],
-            detectors=self._detectors(p, list(dict.fromkeys(matter))[:3], l0),
+            detectors=self._detectors(list(dict.fromkeys(matter))[:3], dup_att),
             components=[names[c] for c in named],
-            story=self._story(named, t, pr, sets),
+            story=story,
             check=check,
             control=control,
             control_components=[names[c] for c in control_set],
             effect=float(effect),
             control_effect=float(control_effect),
-            deciding_path=max(gaps, key=gaps.get) if pr != t else "",
+            deciding_path=deciding_path if pr != t else "",
             logit_true=logit_t,
             logit_pred=logit_p,
             paths=paths,
             heads=heads,
             duplicated=[V[x] for x in dup],
-            unique=[V[x] for x in uni],
-            absent=[V[x] for x in absent],
+            unique=[V[x] for x in order if counts[x] == 1],
+            absent=[V[x] for x in range(q) if counts[x] == 0],
         )
 
     def _categorise(self, p, t, pr, counts, load_letters, rt, rp) -> tuple[str, str]:
@@ -531,17 +556,17 @@ class Explainer:
             return "set_mate_predicted", f"{V[pr]!r}, absent, is a set-mate of the unique {V[t]!r} under {_head(rt)}"
         return "other", f"{V[pr]!r}, absent and of another head's set, beat the unique {V[t]!r}"
 
-    def _detectors(self, p, letters: list[int], l0: torch.Tensor) -> str:
+    def _detectors(self, letters: list[int], dup_att: list[list[float]]) -> str:
         """For each duplicated letter, the layer-0 heads that flagged (attention from its latest copy to
-        the earlier ones at least the tables' threshold) or missed (a detector of it in the tables, below)."""
+        the earlier ones, `dup_att[h][x]`, at least the tables' threshold) or missed (a detector of it in
+        the tables, below)."""
         V, tab = self.spec.vocab, self.tables
         thr, diag = tab.dup_threshold, tab.l0_diag
         parts = []
         for x in letters:
-            where = [i for i, y in enumerate(p) if y == x]
-            last, earlier = where[-1], where[:-1]
             notes = []
-            for h, a in enumerate(l0[:, last, earlier].sum(-1).tolist()):
+            for h, row in enumerate(dup_att):
+                a = row[x]
                 if a >= thr:
                     notes.append(f"0.{h} flagged {a:.2f}")
                 elif diag[h][x] > thr:
@@ -551,15 +576,15 @@ class Explainer:
 
     def _story(self, named: tuple[int, ...], t: int, pr: int, sets: list[list[int]]) -> str:
         """The named components in the tables' terms."""
-        V, comp, tab = self.spec.vocab, self.comp, self.tables
+        V, comp = self.spec.vocab, self.comp
         P, H, D = comp.n_paths, comp.n_heads, len(comp.dests)
 
         def l1(j: int) -> str:
-            role = [f"{w} {V[x]!r}" for w, x in (("truth", t), ("prediction", pr)) if x < self.q and tab.responsible_head[x] == j]
+            role = [f"{w} {V[x]!r}" for w, x in (("truth", t), ("prediction", pr)) if x < self.q and self._responsible[x] == j]
             return f"1.{j} (set {''.join(V[x] for x in sets[j]) or '-'}" + (f"; holds the {', '.join(role)})" if role else ")")
 
         def l0(h: int) -> str:
-            det = "".join(V[x] for x in tab.detectors[h])
+            det = "".join(V[x] for x in self._detector_sets[h])
             return f"0.{h} (detects duplicates of {det})" if det else f"0.{h} (detects no duplicates)"
 
         parts = []

@@ -49,25 +49,29 @@ from .model import Weights
 
 @dataclass
 class PathRun:
-    """A batch's clean forward, read at its items (sequence `seq[n]`, position `pos[n]`)."""
+    """A batch's clean forward, read at its items (sequence `seq[n]`, position `pos[n]`).
+
+    Items sit in per-sequence slots ([B, m]; `slots` holds each slot's item, -1 where a sequence has
+    fewer than m items), so that what a sequence shares is computed once for all its items."""
 
     tokens: torch.Tensor  # [B, L]
     seq: torch.Tensor  # [N]: each item's sequence
     pos: torch.Tensor  # [N]: each item's position k
-    slots: torch.Tensor  # [B, m]: the items of each sequence, -1 where a sequence has fewer than m
-    logits: torch.Tensor  # [N, V] at k
+    slots: torch.Tensor  # [B, m]: the item in each slot, or -1
+    slot_pos: torch.Tensor  # [B, m]: each slot's position (the last one for an empty slot)
     pattern0: torch.Tensor  # [B, H, L, L]: layer-0 attention
-    pattern1: torch.Tensor  # [N, H, L]: each layer-1 head's attention at k (0 beyond k)
-    scale1: torch.Tensor  # [N, L]: the LayerNorm scale of layer 1's input per position
-    scale_final: torch.Tensor  # [N]: the final LayerNorm scale at k
-    out1: torch.Tensor  # [N, H, d]: each layer-1 head's output at k
-    resid: torch.Tensor  # [N, d]: the residual stream layer 1 reads, at k
+    resid: torch.Tensor  # [B, L, d]: the residual stream layer 1 reads
     deviation: torch.Tensor  # [B, S, L, d]: each source minus its mean
-    gram: torch.Tensor  # [B, L, 1+S, 1+S]: Gram matrix of the centred parts (resid, deviations) / d
-    kv: torch.Tensor  # [B, 1+S, L, H*2dh]: the parts projected by each layer-1 head's keys and values
-    q: torch.Tensor  # [B, m, 1+S, H*dh]: the parts at each slot's position projected by the queries
-    outs: torch.Tensor  # [N, 2^S, H, d]: each layer-1 head's output at k per drop pattern, where `have`
-    have: torch.Tensor  # [N, 2^S]: which drop patterns `outs` holds
+    kv: torch.Tensor  # [B, 1+S, L, H*2dh]: resid and deviations, centred, projected by the layer-1 keys and values
+    q: torch.Tensor  # [B, m, 1+S, H*dh]: the same at each slot's position, projected by the layer-1 queries
+    table: torch.Tensor  # [N, 2^S*H + H + S + 2, d]: the vectors whose sums are the ablated final residuals
+    outs: torch.Tensor  # [N, 2^S, H, d]: view of `table`, each layer-1 head's output at k per drop pattern
+    have: torch.Tensor  # [N, 2^S]: the drop patterns whose head outputs `outs` holds
+    logits: torch.Tensor | None = None  # [N, V] at k
+    pattern1: torch.Tensor | None = None  # [B, m, H, L]: each layer-1 head's attention at each slot (0 beyond it)
+    scale1: torch.Tensor | None = None  # [B, L]: the LayerNorm scale of layer 1's input per position
+    scale_final: torch.Tensor | None = None  # [N]: the final LayerNorm scale at k
+    out1: torch.Tensor | None = None  # [N, H, d]: each layer-1 head's output at k
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:
@@ -88,12 +92,30 @@ class PathModel:
              for k, v in vars(weights).items()}  # fmt: skip
         self.w = w
         self.n_heads = H = w["W_Q"].shape[1]
-        self.d_head = w["W_Q"].shape[-1]
-        self.W_KV1 = torch.cat([w["W_K"][1], w["W_V"][1]], -1).transpose(0, 1).flatten(1)  # [d, H*2dh]
-        self.W_Q1 = w["W_Q"][1].transpose(0, 1).flatten(1)  # [d, H*dh]
-        self.b_V1 = w["b_V"][1][:, None]  # [H, 1, dh]
+        self.d_head = dh = w["W_Q"].shape[-1]
         self.n_sources = 1 + H
         self.reference_scales = self._means(reference.to(self.device))
+        # Tables the forward reads instead of recomputing them per sequence. Layer 0's queries, keys and
+        # values depend only on (token, position). The layer-1 heads read centred vectors, so their
+        # projections take the centring (weights with zero-mean columns); a deviation's projection is
+        # then its parts' projections: the embedding's per (token, position), a layer-0 head's from its
+        # z (through W_O), minus the projected mean; the residual's is the deviations' plus a constant.
+        e = w["W_E"][:, None] + w["W_pos"][None]  # [V, n_ctx, d]
+        xn = F.layer_norm(e, e.shape[-1:], eps=w["eps"])
+        self.qkv0 = torch.stack([torch.einsum("tld,hde->tlhe", xn, w[f"W_{m}"][0]) + w[f"b_{m}"][0]
+                                 for m in "QKV"], 2).flatten(2)  # [V, n_ctx, 3*H*dh]  # fmt: skip
+        W_KV1 = torch.cat([w["W_K"][1], w["W_V"][1]], -1).transpose(0, 1).flatten(1)  # [d, H*2dh]
+        self.W_KV1 = W_KV1 - W_KV1.mean(0)
+        W_Q1 = w["W_Q"][1].transpose(0, 1).flatten(1)  # [d, H*dh]
+        self.W_Q1 = W_Q1 - W_Q1.mean(0)
+        mean = self.mean_sources  # [S, n_ctx, d]
+        self.kv_embed = (e - mean[0]) @ self.W_KV1  # [V, n_ctx, H*2dh]
+        self.W_O0 = torch.cat([w["W_O"][0], w["W_O"][0] @ self.W_KV1], -1)  # [H, dh, d + H*2dh]: out, projection
+        self.kv_mean0 = mean[1:] @ self.W_KV1  # [H, n_ctx, H*2dh]
+        self.kv_const = (mean.sum(0) + w["b_O"][0]) @ self.W_KV1  # [n_ctx, H*2dh]
+        U = w["W_U"] - w["W_U"].mean(0)  # reading centred vectors: centring folded into the unembedding
+        self.U, self.W_OU = U, w["W_O"][1] @ U  # [d, V], [H, dh, V]
+        self.b_V1 = w["b_V"][1][:, None]  # [H, 1, dh]
 
     # ---- the forward ---------------------------------------------------------------------
     def _layer0(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,35 +158,43 @@ class PathModel:
     def run(self, tokens: torch.Tensor, positions: list[list[int]] | None = None) -> PathRun:
         """The clean forward of `tokens` [B, L], read at the items `positions[b]` of each sequence b
         (default: its last position); items are numbered sequence by sequence."""
-        w, dev_, H, dh = self.w, self.device, self.n_heads, self.d_head
+        w, dev_, H, dh, S = self.w, self.device, self.n_heads, self.d_head, self.n_sources
         tokens = tokens.to(dev_)
         B, L = tokens.shape
-        if positions is None:
-            positions = [[L - 1]] * B
+        positions = [[L - 1]] * B if positions is None else positions
         m = max(len(p) for p in positions)
         slot_pos = torch.tensor([p + [L - 1] * (m - len(p)) for p in positions], device=dev_)  # [B, m]
         valid = torch.tensor([[i < len(p) for i in range(m)] for p in positions], device=dev_)
         slots = torch.full((B, m), -1, dtype=torch.long, device=dev_)
         slots[valid] = torch.arange(int(valid.sum()), device=dev_)
         seq, pos = valid.nonzero(as_tuple=True)[0], slot_pos[valid]
+        ar = torch.arange(L, device=dev_)
 
-        sources, pattern0, _ = self._layer0(tokens)
-        x = sources.sum(1) + w["b_O"][0]  # [B, L, d]
-        deviation = sources - self.mean_sources[None, :, :L]
-        parts = _centre(torch.cat([x[:, None], deviation], 1))  # [B, 1+S, L, d]
-        gram = torch.einsum("bald,bcld->blac", parts, parts) / parts.shape[-1]
-        kv = parts @ self.W_KV1  # [B, 1+S, L, H*2dh]
-        at = parts[torch.arange(B, device=dev_)[:, None], :, slot_pos]  # [B, m, 1+S, d]
-        q = at @ self.W_Q1  # [B, m, 1+S, H*dh]
-        N, P = len(seq), 2**self.n_sources
-        run = PathRun(tokens, seq, pos, slots, None, pattern0, None, None, None, None, x[seq, pos],
-                      deviation, gram, kv, q, torch.zeros(N, P, H, x.shape[-1], dtype=x.dtype, device=dev_),
-                      torch.zeros(N, P, dtype=torch.bool, device=dev_))  # fmt: skip
-        out, pattern1, scale1 = self._heads(run, torch.arange(B, device=dev_), [0])
+        # layer 0, and each source's projection by the layer-1 keys and values
+        q0, k0, v0 = self.qkv0[tokens, ar].view(B, L, 3, H, dh).permute(2, 0, 3, 1, 4)  # [B, H, L, dh] each
+        pattern0 = (q0 @ k0.transpose(-1, -2) * dh**-0.5).masked_fill(ar > ar[:, None], -torch.inf).softmax(-1)
+        z0 = (pattern0 @ v0).transpose(0, 1).reshape(H, B * L, dh)
+        out0 = (z0 @ self.W_O0).view(H, B, L, -1).transpose(0, 1)  # [B, H, L, d + H*2dh]
+        d = w["W_E"].shape[-1]
+        e = w["W_E"][tokens] + w["W_pos"][:L]
+        deviation = torch.cat([e[:, None], out0[..., :d]], 1) - self.mean_sources[None, :, :L]  # [B, S, L, d]
+        resid = deviation.sum(1) + self.mean_sources[:, :L].sum(0) + w["b_O"][0]  # [B, L, d]
+        kv_dev = torch.cat([self.kv_embed[tokens, ar][:, None], out0[..., d:] - self.kv_mean0[:, :L]], 1)
+        kv = torch.cat([(kv_dev.sum(1) + self.kv_const[:L])[:, None], kv_dev], 1)  # [B, 1+S, L, H*2dh]
+        rows = torch.arange(B, device=dev_)[:, None]
+        at = torch.cat([resid[rows, slot_pos][:, :, None], deviation[rows, :, slot_pos]], 2)  # [B, m, 1+S, d]
+
+        N, P = len(seq), 2**S
+        table = torch.zeros(N, P * H + H + S + 2, d, dtype=resid.dtype, device=dev_)
+        run = PathRun(tokens, seq, pos, slots, slot_pos, pattern0, resid, deviation, kv, at @ self.W_Q1, table,
+                      table[:, : P * H].view(N, P, H, d), torch.zeros(N, P, dtype=torch.bool, device=dev_))  # fmt: skip
+        table[:, P * H : P * H + H] = self.mean_out1[:, pos].transpose(0, 1)
+        table[:, P * H + H : -2] = -deviation[seq, :, pos]
+        out, run.pattern1, scale = self._heads(run, torch.arange(B, device=dev_), [0])
         run.outs[:, 0], run.have[:, 0] = out[valid][:, 0], True
-        run.out1, run.pattern1 = run.outs[:, 0], pattern1[:, 0].transpose(1, 2)[valid]  # [N, H, L]
-        run.scale1 = scale1[:, 0][seq]  # [N, L]
-        final = run.resid + run.out1.sum(1) + w["b_O"][1]
+        run.out1, run.pattern1, run.scale1 = run.outs[:, 0], run.pattern1[:, 0].transpose(1, 2), scale[:, 0]
+        final = resid[seq, pos] + run.out1.sum(1) + w["b_O"][1]
+        table[:, -2] = resid[seq, pos] + w["b_O"][1]
         run.logits, run.scale_final = self._logits(final), _scale(final, w["eps"])
         return run
 
@@ -172,15 +202,15 @@ class PathModel:
         """Every layer-1 head's output at the slots of the sequences `seqs` [B'] when the sources in each drop
         pattern `codes` [P] (bit s: source s) are read at their means: outputs [B', m, P, H, d], attention
         [B', P, H, m, L] and the input's LayerNorm scale per position [B', P, L]."""
-        w, dh, H = self.w, self.d_head, self.n_heads
-        S = self.n_sources
+        w, dh, H, S = self.w, self.d_head, self.n_heads, self.n_sources
         bits = torch.tensor([[(c >> s) & 1 for s in range(S)] for c in codes], device=self.device)
         coef = torch.cat([torch.ones(len(codes), 1, device=self.device), -bits], 1).to(run.kv.dtype)  # [P, 1+S]
         Bs, P, L, m = len(seqs), len(codes), run.tokens.shape[1], run.slots.shape[1]
-        scale = (torch.einsum("pa,blac,pc->bpl", coef, run.gram[seqs], coef) + w["eps"]).sqrt()  # [B', P, L]
+        x = run.resid[seqs][:, None] - torch.einsum("ps,bsld->bpld", bits.to(coef.dtype), run.deviation[seqs])
+        scale = _scale(x, w["eps"])  # [B', P, L]
         kv = torch.einsum("pa,balf->bplf", coef, run.kv[seqs]).view(Bs, P, L, H, 2 * dh).transpose(2, 3)
         q = torch.einsum("pa,bmaf->bpmf", coef, run.q[seqs]).view(Bs, P, m, H, dh).transpose(2, 3)  # [B', P, H, m, dh]
-        pos = torch.where(run.slots[seqs] >= 0, run.pos[run.slots[seqs].clamp(min=0)], L - 1)  # [B', m]
+        pos = run.slot_pos[seqs]  # [B', m]
         q = q / scale.gather(2, pos[:, None].expand(Bs, P, m))[:, :, None, :, None] + w["b_Q"][1][:, None]
         # keys' biases add the same amount to every score of a query, so the softmax does not see them
         scores = (q @ kv[..., :dh].transpose(-1, -2)) / scale[:, :, None, None] * dh**-0.5  # [B', P, H, m, L]
@@ -209,19 +239,18 @@ class PathModel:
     def ablate(self, run: PathRun, rows: torch.Tensor, keep: torch.Tensor, keep_out: torch.Tensor) -> torch.Tensor:
         """Logits at k [M, V] of the variants of `run`'s items `rows` [M], with path keep masks `keep`
         [M, S, D] and layer-1 output keep masks `keep_out` [M, H]; a dropped path reads its source's mean,
-        a dropped output is its mean."""
-        w, dev_ = self.w, self.device
+        a dropped output is its mean. Each variant's final residual is a sum of rows of `run.table`."""
+        dev_, H, S = self.device, self.n_heads, self.n_sources
         rows, drop, drop_out = rows.to(dev_), (~keep).to(dev_), (~keep_out).to(dev_)
-        H = self.n_heads
-        weights = 2 ** torch.arange(self.n_sources, device=dev_)
-        codes = (drop[:, :, 1:].long() * weights[:, None]).sum(1)  # [M, H]: each head's drop pattern
+        codes = (drop[:, :, 1:].long() << torch.arange(S, device=dev_)[:, None]).sum(1)  # [M, H]: drop patterns
         self._fill(run, rows, codes)
-        out1 = run.outs[rows[:, None], codes, torch.arange(H, device=dev_)]  # [M, H, d]
-        mean = self.mean_out1[:, run.pos[rows]].transpose(0, 1)  # [M, H, d]
-        out1 = torch.where(drop_out[..., None], mean, out1)
-        dev_k = run.deviation[run.seq[rows], :, run.pos[rows]]  # [M, S, d]
-        final = run.resid[rows] - (drop[:, :, 0, None].to(dev_k.dtype) * dev_k).sum(1)
-        return self._logits(final + out1.sum(1) + w["b_O"][1])
+        P = run.have.shape[1]
+        heads = torch.arange(H, device=dev_)
+        head_rows = torch.where(drop_out, P * H + heads, codes * H + heads)  # a dropped output: its mean
+        direct = torch.where(drop[:, :, 0], P * H + H + torch.arange(S, device=dev_), P * H + H + S + 1)
+        resid = torch.full((len(rows), 1), P * H + H + S, device=dev_)
+        final = run.table[rows[:, None], torch.cat([resid, head_rows, direct], 1)].sum(1)
+        return self._logits(final)
 
     # ---- the linear prediction -------------------------------------------------------------
     @torch.no_grad()
@@ -229,16 +258,14 @@ class PathModel:
         """Each component's contribution to the logits at k relative to its mean, with attention and
         LayerNorm scales frozen at `run`'s: `paths` [N, S, D, V], `heads0` [N, H, V], `heads1` [N, H, V].
         Ablating a set of paths changes the logits by about minus the sum of their rows."""
-        w, H, dh = self.w, self.n_heads, self.d_head
-        seq, pos = run.seq, run.pos
-        U = w["W_U"] - w["W_U"].mean(0)  # reading a centred vector: centring folded into the unembedding
-        dev_k = run.deviation[seq, :, pos]  # [N, S, d]
-        direct = dev_k @ U / run.scale_final[:, None, None]  # [N, S, V]
-        # the parts' value projections are the deviations' (parts 1..S), already centred
-        values = run.kv[seq, 1:].unflatten(-1, (H, 2 * dh))[..., dh:]  # [N, S, L, H, dh]
-        read = torch.einsum("nhl,nslhe->nshe", run.pattern1 / run.scale1[:, None], values)
-        through = torch.einsum("nshe,hed->nshd", read, w["W_O"][1]) @ U / run.scale_final[:, None, None, None]
+        H, dh = self.n_heads, self.d_head
+        B, S, L, _ = run.deviation.shape
+        scale = run.scale_final[:, None, None]
+        direct = run.deviation[run.seq, :, run.pos] @ self.U / scale  # [N, S, V]
+        # the deviations' value projections, read with the clean attention and the clean LayerNorm scale
+        values = run.kv[:, 1:].view(B, S, L, H, 2 * dh)[..., dh:]  # [B, S, L, H, dh]
+        read = torch.einsum("bmhl,bslhe->bmshe", run.pattern1 / run.scale1[:, None, None], values)
+        through = torch.einsum("nshe,hev->nshv", read[run.slots >= 0], self.W_OU) / scale[..., None]
         paths = torch.cat([direct[:, :, None], through], 2)  # [N, S, D, V]
-        out_dev = run.out1 - self.mean_out1[:, pos].transpose(0, 1)
-        heads1 = out_dev @ U / run.scale_final[:, None, None]
+        heads1 = (run.out1 - self.mean_out1[:, run.pos].transpose(0, 1)) @ self.U / scale
         return {"paths": paths, "heads0": paths[:, 1:].sum(2), "heads1": heads1}
