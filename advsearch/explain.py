@@ -454,8 +454,8 @@ class Explainer:
         """How much each component's ablation removes: the norm of its deviation from its mean
         ([N, C]; paths and layer-0 heads over the positions read, layer-1 heads at k)."""
         pm, comp = self.paths, self.comp
-        B, S, L, _ = clean.deviation.shape
-        norm = clean.deviation.norm(dim=-1)[clean.seq]  # [N, S, L]
+        B, L, S, _ = clean.deviation.shape
+        norm = clean.deviation.norm(dim=-1)[clean.seq].transpose(1, 2)  # [N, S, L]
         read = (torch.arange(L, device=norm.device) <= clean.pos[:, None])[:, None]  # [N, 1, L]
         rms = (norm.pow(2) * read).sum(-1).div(clean.pos[:, None] + 1).sqrt()  # [N, S]
         at_k = norm.gather(2, clean.pos[:, None, None].expand(-1, S, 1))[..., 0]

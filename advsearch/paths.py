@@ -52,7 +52,8 @@ class PathRun:
     """A batch's clean forward, read at its items (sequence `seq[n]`, position `pos[n]`).
 
     Items sit in per-sequence slots ([B, m]; `slots` holds each slot's item, -1 where a sequence has
-    fewer than m items), so that what a sequence shares is computed once for all its items."""
+    fewer than m items), so that what a sequence shares is computed once for all its items. Parts are
+    the residual layer 1 reads and the sources' deviations from their means, in that order."""
 
     tokens: torch.Tensor  # [B, L]
     seq: torch.Tensor  # [N]: each item's sequence
@@ -60,15 +61,14 @@ class PathRun:
     slots: torch.Tensor  # [B, m]: the item in each slot, or -1
     slot_pos: torch.Tensor  # [B, m]: each slot's position (the last one for an empty slot)
     pattern0: torch.Tensor  # [B, H, L, L]: layer-0 attention
-    resid: torch.Tensor  # [B, L, d]: the residual stream layer 1 reads
-    deviation: torch.Tensor  # [B, S, L, d]: each source minus its mean
-    kv: torch.Tensor  # [B, 1+S, L, H*2dh]: resid and deviations, centred, projected by the layer-1 keys and values
-    q: torch.Tensor  # [B, m, 1+S, H*dh]: the same at each slot's position, projected by the layer-1 queries
-    table: torch.Tensor  # [N, 2^S*H + H + S + 2, d]: the vectors whose sums are the ablated final residuals
-    outs: torch.Tensor  # [N, 2^S, H, d]: view of `table`, each layer-1 head's output at k per drop pattern
-    have: torch.Tensor  # [N, 2^S]: the drop patterns whose head outputs `outs` holds
+    deviation: torch.Tensor  # [B, L, S, d]: each source minus its mean
+    gram: torch.Tensor  # [B, L, (1+S)^2]: Gram matrix of the centred parts / d
+    kv: torch.Tensor  # [B, H, 1+S, L, 2dh]: the centred parts projected by each layer-1 head's keys and values
+    q: torch.Tensor  # [B, H, 1+S, m, dh]: the same at each slot's position, projected by its queries
+    table: torch.Tensor  # [N, rows, d]: the clean final residual at k and what each ablation adds to it
+    have: torch.Tensor  # [N, 2^S]: the drop patterns whose rows `table` holds
     logits: torch.Tensor | None = None  # [N, V] at k
-    pattern1: torch.Tensor | None = None  # [B, m, H, L]: each layer-1 head's attention at each slot (0 beyond it)
+    pattern1: torch.Tensor | None = None  # [B, H, m, L]: each layer-1 head's attention at each slot (0 beyond it)
     scale1: torch.Tensor | None = None  # [B, L]: the LayerNorm scale of layer 1's input per position
     scale_final: torch.Tensor | None = None  # [N]: the final LayerNorm scale at k
     out1: torch.Tensor | None = None  # [N, H, d]: each layer-1 head's output at k
@@ -83,7 +83,12 @@ def _scale(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class PathModel:
-    """Path-level forward of a 2-layer attention-only model over its processed `Weights`."""
+    """Path-level forward of a 2-layer attention-only model over its processed `Weights`.
+
+    `ablate` reads each variant's final residual as a sum of rows of `PathRun.table`: per item, the
+    clean final residual, then for each drop pattern c and head j the change of j's output when j
+    reads with c dropped (row c*H + j; filled on first use), for each head the change when its
+    output is its mean, and for each source minus its deviation (a dropped direct path)."""
 
     def __init__(self, weights: Weights, reference: torch.Tensor, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32):  # fmt: skip
@@ -92,30 +97,23 @@ class PathModel:
              for k, v in vars(weights).items()}  # fmt: skip
         self.w = w
         self.n_heads = H = w["W_Q"].shape[1]
-        self.d_head = dh = w["W_Q"].shape[-1]
-        self.n_sources = 1 + H
+        self.d_head = w["W_Q"].shape[-1]
+        self.n_sources = S = 1 + H
         self.reference_scales = self._means(reference.to(self.device))
-        # Tables the forward reads instead of recomputing them per sequence. Layer 0's queries, keys and
-        # values depend only on (token, position). The layer-1 heads read centred vectors, so their
-        # projections take the centring (weights with zero-mean columns); a deviation's projection is
-        # then its parts' projections: the embedding's per (token, position), a layer-0 head's from its
-        # z (through W_O), minus the projected mean; the residual's is the deviations' plus a constant.
+        # Layer 0's queries, keys and values depend only on (token, position): one table.
         e = w["W_E"][:, None] + w["W_pos"][None]  # [V, n_ctx, d]
         xn = F.layer_norm(e, e.shape[-1:], eps=w["eps"])
         self.qkv0 = torch.stack([torch.einsum("tld,hde->tlhe", xn, w[f"W_{m}"][0]) + w[f"b_{m}"][0]
                                  for m in "QKV"], 2).flatten(2)  # [V, n_ctx, 3*H*dh]  # fmt: skip
+        # Layer 1 reads centred vectors: its projections with zero-mean columns take the centring.
         W_KV1 = torch.cat([w["W_K"][1], w["W_V"][1]], -1).transpose(0, 1).flatten(1)  # [d, H*2dh]
-        self.W_KV1 = W_KV1 - W_KV1.mean(0)
         W_Q1 = w["W_Q"][1].transpose(0, 1).flatten(1)  # [d, H*dh]
-        self.W_Q1 = W_Q1 - W_Q1.mean(0)
-        mean = self.mean_sources  # [S, n_ctx, d]
-        self.kv_embed = (e - mean[0]) @ self.W_KV1  # [V, n_ctx, H*2dh]
-        self.W_O0 = torch.cat([w["W_O"][0], w["W_O"][0] @ self.W_KV1], -1)  # [H, dh, d + H*2dh]: out, projection
-        self.kv_mean0 = mean[1:] @ self.W_KV1  # [H, n_ctx, H*2dh]
-        self.kv_const = (mean.sum(0) + w["b_O"][0]) @ self.W_KV1  # [n_ctx, H*2dh]
-        U = w["W_U"] - w["W_U"].mean(0)  # reading centred vectors: centring folded into the unembedding
+        self.W_KV1, self.W_Q1 = W_KV1 - W_KV1.mean(0), W_Q1 - W_Q1.mean(0)
+        self.mean_by_pos = self.mean_sources.transpose(0, 1)  # [n_ctx, S, d]
+        self.mean_resid = self.mean_sources.sum(0) + w["b_O"][0]  # [n_ctx, d]
+        U = w["W_U"] - w["W_U"].mean(0)  # the unembedding of a centred vector
         self.U, self.W_OU = U, w["W_O"][1] @ U  # [d, V], [H, dh, V]
-        self.b_V1 = w["b_V"][1][:, None]  # [H, 1, dh]
+        self.rows = 2**S * H + H + S + 1  # of a PathRun's table (see the class docstring)
 
     # ---- the forward ---------------------------------------------------------------------
     def _layer0(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,7 +147,7 @@ class PathModel:
         pattern = (q @ k.transpose(-1, -2) * dh**-0.5).masked_fill(causal, -torch.inf).softmax(-1)
         out1 = torch.einsum("nhle,hed->nhld", pattern @ v, w["W_O"][1])  # [N, H, L, d]
         final = x1 + out1.sum(1) + w["b_O"][1]
-        self.mean_sources = sources.mean(0)
+        self.mean_sources = sources.mean(0)  # [S, n_ctx, d]
         self.mean_out1 = out1.mean(0)  # [H, n_ctx, d]
         return {"s0": float(scale0.mean()), "s1": float(_scale(x1, w["eps"]).mean()),
                 "s_final": float(_scale(final, w["eps"]).mean())}  # fmt: skip
@@ -170,58 +168,58 @@ class PathModel:
         seq, pos = valid.nonzero(as_tuple=True)[0], slot_pos[valid]
         ar = torch.arange(L, device=dev_)
 
-        # layer 0, and each source's projection by the layer-1 keys and values
         q0, k0, v0 = self.qkv0[tokens, ar].view(B, L, 3, H, dh).permute(2, 0, 3, 1, 4)  # [B, H, L, dh] each
         pattern0 = (q0 @ k0.transpose(-1, -2) * dh**-0.5).masked_fill(ar > ar[:, None], -torch.inf).softmax(-1)
-        z0 = (pattern0 @ v0).transpose(0, 1).reshape(H, B * L, dh)
-        out0 = (z0 @ self.W_O0).view(H, B, L, -1).transpose(0, 1)  # [B, H, L, d + H*2dh]
-        d = w["W_E"].shape[-1]
+        out0 = torch.einsum("bhle,hed->blhd", pattern0 @ v0, w["W_O"][0])  # [B, L, H, d]
         e = w["W_E"][tokens] + w["W_pos"][:L]
-        deviation = torch.cat([e[:, None], out0[..., :d]], 1) - self.mean_sources[None, :, :L]  # [B, S, L, d]
-        resid = deviation.sum(1) + self.mean_sources[:, :L].sum(0) + w["b_O"][0]  # [B, L, d]
-        kv_dev = torch.cat([self.kv_embed[tokens, ar][:, None], out0[..., d:] - self.kv_mean0[:, :L]], 1)
-        kv = torch.cat([(kv_dev.sum(1) + self.kv_const[:L])[:, None], kv_dev], 1)  # [B, 1+S, L, H*2dh]
-        rows = torch.arange(B, device=dev_)[:, None]
-        at = torch.cat([resid[rows, slot_pos][:, :, None], deviation[rows, :, slot_pos]], 2)  # [B, m, 1+S, d]
+        deviation = torch.cat([e[:, :, None], out0], 2) - self.mean_by_pos[:L]  # [B, L, S, d]
+        resid = deviation.sum(2) + self.mean_resid[:L]
+        parts = _centre(torch.cat([resid[:, :, None], deviation], 2))  # [B, L, 1+S, d]
+        gram = (parts @ parts.transpose(-1, -2)).flatten(2) / parts.shape[-1]  # [B, L, (1+S)^2]
+        kv = (parts @ self.W_KV1).view(B, L, 1 + S, H, 2 * dh).permute(0, 3, 2, 1, 4).contiguous()
+        at = parts[torch.arange(B, device=dev_)[:, None], slot_pos]  # [B, m, 1+S, d]
+        q = (at @ self.W_Q1).view(B, m, 1 + S, H, dh).permute(0, 3, 2, 1, 4).contiguous()
 
-        N, P = len(seq), 2**S
-        table = torch.zeros(N, P * H + H + S + 2, d, dtype=resid.dtype, device=dev_)
-        run = PathRun(tokens, seq, pos, slots, slot_pos, pattern0, resid, deviation, kv, at @ self.W_Q1, table,
-                      table[:, : P * H].view(N, P, H, d), torch.zeros(N, P, dtype=torch.bool, device=dev_))  # fmt: skip
-        table[:, P * H : P * H + H] = self.mean_out1[:, pos].transpose(0, 1)
-        table[:, P * H + H : -2] = -deviation[seq, :, pos]
-        out, run.pattern1, scale = self._heads(run, torch.arange(B, device=dev_), [0])
-        run.outs[:, 0], run.have[:, 0] = out[valid][:, 0], True
-        run.out1, run.pattern1, run.scale1 = run.outs[:, 0], run.pattern1[:, 0].transpose(1, 2), scale[:, 0]
+        N = len(seq)
+        table = torch.zeros(N, self.rows, resid.shape[-1], dtype=resid.dtype, device=dev_)
+        run = PathRun(tokens, seq, pos, slots, slot_pos, pattern0, deviation, gram, kv, q, table,
+                      torch.zeros(N, 2**S, dtype=torch.bool, device=dev_))  # fmt: skip
+        out, pattern1, scale = self._heads(run, None, [0])
+        run.out1 = out[valid][:, 0]  # [N, H, d]
+        run.pattern1, run.scale1, run.have[:, 0] = pattern1[:, :, 0], scale[:, 0], True
         final = resid[seq, pos] + run.out1.sum(1) + w["b_O"][1]
-        table[:, -2] = resid[seq, pos] + w["b_O"][1]
         run.logits, run.scale_final = self._logits(final), _scale(final, w["eps"])
+        first = 2**S * H
+        table[:, first : first + H] = self.mean_out1[:, pos].transpose(0, 1) - run.out1
+        table[:, first + H : -1] = -deviation[seq, pos]
+        table[:, -1] = final
         return run
 
-    def _heads(self, run: PathRun, seqs: torch.Tensor, codes: list[int]):
-        """Every layer-1 head's output at the slots of the sequences `seqs` [B'] when the sources in each drop
-        pattern `codes` [P] (bit s: source s) are read at their means: outputs [B', m, P, H, d], attention
-        [B', P, H, m, L] and the input's LayerNorm scale per position [B', P, L]."""
+    def _heads(self, run: PathRun, seqs: torch.Tensor | None, codes: list[int]):
+        """Every layer-1 head's output at the slots of the sequences `seqs` [B'] (None: all) when the sources
+        in each drop pattern `codes` [P] (bit s: source s) are read at their means: outputs [B', m, P, H, d],
+        attention [B', H, P, m, L] and the input's LayerNorm scale per position [B', P, L]."""
         w, dh, H, S = self.w, self.d_head, self.n_heads, self.n_sources
+        pick = (lambda x: x) if seqs is None else (lambda x: x[seqs])
         bits = torch.tensor([[(c >> s) & 1 for s in range(S)] for c in codes], device=self.device)
         coef = torch.cat([torch.ones(len(codes), 1, device=self.device), -bits], 1).to(run.kv.dtype)  # [P, 1+S]
-        Bs, P, L, m = len(seqs), len(codes), run.tokens.shape[1], run.slots.shape[1]
-        x = run.resid[seqs][:, None] - torch.einsum("ps,bsld->bpld", bits.to(coef.dtype), run.deviation[seqs])
-        scale = _scale(x, w["eps"])  # [B', P, L]
-        kv = torch.einsum("pa,balf->bplf", coef, run.kv[seqs]).view(Bs, P, L, H, 2 * dh).transpose(2, 3)
-        q = torch.einsum("pa,bmaf->bpmf", coef, run.q[seqs]).view(Bs, P, m, H, dh).transpose(2, 3)  # [B', P, H, m, dh]
-        pos = run.slot_pos[seqs]  # [B', m]
-        q = q / scale.gather(2, pos[:, None].expand(Bs, P, m))[:, :, None, :, None] + w["b_Q"][1][:, None]
+        kv, q, pos = pick(run.kv), pick(run.q), pick(run.slot_pos)  # pos: [B', m]
+        Bs, _, A, L, _ = kv.shape
+        P, m = len(codes), pos.shape[1]
+        # the input's scale from the parts' Gram matrix; keys, values and queries as combinations of the parts'
+        scale = (pick(run.gram) @ (coef[:, :, None] * coef[:, None]).flatten(1).T + w["eps"]).sqrt().transpose(1, 2)
+        kv = (coef @ kv.view(Bs, H, A, -1)).view(Bs, H, P, L, 2 * dh)
+        q = (coef @ q.view(Bs, H, A, -1)).view(Bs, H, P, m, dh)
+        q = q / scale.gather(2, pos[:, None].expand(Bs, P, m))[:, None, :, :, None] + w["b_Q"][1][:, None, None]
         # keys' biases add the same amount to every score of a query, so the softmax does not see them
-        scores = (q @ kv[..., :dh].transpose(-1, -2)) / scale[:, :, None, None] * dh**-0.5  # [B', P, H, m, L]
+        scores = (q @ kv[..., :dh].transpose(-1, -2)) / scale[:, None, :, None] * dh**-0.5  # [B', H, P, m, L]
         after = torch.arange(L, device=self.device) > pos[..., None]  # [B', m, L]
         pattern = scores.masked_fill(after[:, None, None], -torch.inf).softmax(-1)
-        z = (pattern / scale[:, :, None, None]) @ kv[..., dh:] + self.b_V1  # [B', P, H, m, dh]
-        out = torch.einsum("bphme,hed->bmphd", z, w["W_O"][1])
-        return out, pattern, scale
+        z = (pattern / scale[:, None, :, None]) @ kv[..., dh:] + w["b_V"][1][:, None, None]  # [B', H, P, m, dh]
+        return torch.einsum("bhpme,hed->bmphd", z, w["W_O"][1]), pattern, scale
 
     def _fill(self, run: PathRun, items: torch.Tensor, codes: torch.Tensor) -> None:
-        """Compute the head outputs `run.outs` of the drop patterns `codes` [M, H] of the items [M] not yet held."""
+        """Fill the table rows of the drop patterns `codes` [M, H] of the items [M] not yet held."""
         need = torch.zeros_like(run.have)
         need[items[:, None], codes] = True
         missing = need & ~run.have
@@ -232,24 +230,29 @@ class PathModel:
         out, _, _ = self._heads(run, seqs, todo.tolist())
         slots = run.slots[seqs]
         idx = slots[slots >= 0]
-        run.outs[idx[:, None], todo] = out[slots >= 0]
+        H = self.n_heads
+        rows = (todo[:, None] * H + torch.arange(H, device=self.device)).flatten()  # [P*H]
+        run.table[idx[:, None], rows] = (out[slots >= 0] - run.out1[idx, None]).flatten(1, 2)
         run.have[idx[:, None], todo] = True
 
     @torch.no_grad()
     def ablate(self, run: PathRun, rows: torch.Tensor, keep: torch.Tensor, keep_out: torch.Tensor) -> torch.Tensor:
         """Logits at k [M, V] of the variants of `run`'s items `rows` [M], with path keep masks `keep`
         [M, S, D] and layer-1 output keep masks `keep_out` [M, H]; a dropped path reads its source's mean,
-        a dropped output is its mean. Each variant's final residual is a sum of rows of `run.table`."""
+        a dropped output is its mean."""
         dev_, H, S = self.device, self.n_heads, self.n_sources
         rows, drop, drop_out = rows.to(dev_), (~keep).to(dev_), (~keep_out).to(dev_)
         codes = (drop[:, :, 1:].long() << torch.arange(S, device=dev_)[:, None]).sum(1)  # [M, H]: drop patterns
         self._fill(run, rows, codes)
-        P = run.have.shape[1]
+        first, R = 2**S * H, self.rows
         heads = torch.arange(H, device=dev_)
-        head_rows = torch.where(drop_out, P * H + heads, codes * H + heads)  # a dropped output: its mean
-        direct = torch.where(drop[:, :, 0], P * H + H + torch.arange(S, device=dev_), P * H + H + S + 1)
-        resid = torch.full((len(rows), 1), P * H + H + S, device=dev_)
-        final = run.table[rows[:, None], torch.cat([resid, head_rows, direct], 1)].sum(1)
+        head_rows = torch.where(drop_out, first + heads, torch.where(codes > 0, codes * H + heads, -1))
+        direct = torch.where(drop[:, :, 0], first + H + torch.arange(S, device=dev_), -1)
+        idx = torch.cat([torch.full_like(rows[:, None], R - 1), head_rows, direct], 1)  # [M, 1+H+S]
+        use = idx >= 0
+        flat = (idx + rows[:, None] * R)[use]
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=dev_), use.sum(1).cumsum(0)[:-1]])
+        final = F.embedding_bag(flat, run.table.view(-1, run.table.shape[-1]), offsets, mode="sum")
         return self._logits(final)
 
     # ---- the linear prediction -------------------------------------------------------------
@@ -258,14 +261,12 @@ class PathModel:
         """Each component's contribution to the logits at k relative to its mean, with attention and
         LayerNorm scales frozen at `run`'s: `paths` [N, S, D, V], `heads0` [N, H, V], `heads1` [N, H, V].
         Ablating a set of paths changes the logits by about minus the sum of their rows."""
-        H, dh = self.n_heads, self.d_head
-        B, S, L, _ = run.deviation.shape
+        dh = self.d_head
         scale = run.scale_final[:, None, None]
-        direct = run.deviation[run.seq, :, run.pos] @ self.U / scale  # [N, S, V]
+        direct = run.deviation[run.seq, run.pos] @ self.U / scale  # [N, S, V]
         # the deviations' value projections, read with the clean attention and the clean LayerNorm scale
-        values = run.kv[:, 1:].view(B, S, L, H, 2 * dh)[..., dh:]  # [B, S, L, H, dh]
-        read = torch.einsum("bmhl,bslhe->bmshe", run.pattern1 / run.scale1[:, None, None], values)
-        through = torch.einsum("nshe,hev->nshv", read[run.slots >= 0], self.W_OU) / scale[..., None]
+        read = (run.pattern1 / run.scale1[:, None, None])[:, :, None] @ run.kv[:, :, 1:, :, dh:]  # [B, H, S, m, dh]
+        through = torch.einsum("bhsme,hev->bmshv", read, self.W_OU)[run.slots >= 0] / scale[..., None]
         paths = torch.cat([direct[:, :, None], through], 2)  # [N, S, D, V]
         heads1 = (run.out1 - self.mean_out1[:, run.pos].transpose(0, 1)) @ self.U / scale
         return {"paths": paths, "heads0": paths[:, 1:].sum(2), "heads1": heads1}
