@@ -32,7 +32,7 @@ Attribution (linear, from one clean run; `advsearch.paths`)
     relative to its mean. `deciding_path` is the path credited with most of the
     gap logit(p) − logit(t*).
 
-Causal check (measured; `advsearch.paths.PathModel.run`)
+Causal check (measured; `advsearch.paths.PathModel.ablate`)
     The explanation names the smallest set of components whose mean ablation
     makes the model answer t*, found by search over measured effects: every
     single component (16 paths, 6 heads), then sets of 2 to `MAX_SET` drawn from
