@@ -137,6 +137,42 @@ def test_checks_and_controls_agree_with_the_bridge(challenge, explained, referen
             assert (logits[t] - logits[p]) - (ex.logit_true - ex.logit_pred) == pytest.approx(effect, abs=2e-3)
 
 
+def test_items_of_one_run_equal_their_prefixes_run_alone(challenge, explainer):
+    """The path forward reads several positions of a sequence from one run (the model is causal): the
+    clean logits and every single ablation equal those of each prefix run on its own."""
+    pm, comp = explainer.paths, explainer.comp
+    toks = challenge.spec.random_tokens(6, 13)
+    positions = [[1, 7, 19], [19], [4, 5, 6, 12], [0, 19], [10], [2, 18]]
+    run = pm.run(toks, positions)
+    C = len(comp.names)
+    ours = pm.ablate(run, torch.arange(len(run.seq)).repeat_interleave(C), comp.single_keep.repeat(len(run.seq), 1, 1),
+                     comp.single_keep_out.repeat(len(run.seq), 1)).view(-1, C, run.logits.shape[-1])  # fmt: skip
+    n = 0
+    for b, ks in enumerate(positions):
+        for k in ks:
+            alone = pm.run(toks[b : b + 1, : k + 1])
+            assert (run.logits[n] - alone.logits[0]).abs().max() < 1e-9
+            single = pm.ablate(alone, torch.zeros(C, dtype=torch.long), comp.single_keep, comp.single_keep_out)
+            assert (ours[n] - single).abs().max() < 1e-9
+            n += 1
+    assert n == len(run.seq)
+
+
+def test_explain_many_reads_prefixes_from_longer_items(challenge, explainer):
+    """Items that are prefixes of other items, repeated items and items of other lengths come back in
+    order, each as explained alone."""
+    toks = challenge.spec.random_tokens(40, 17)
+    pred = Evaluator(challenge.weights, "cpu").logits(toks).argmax(-1)
+    fails = (pred != first_unique(toks)).nonzero().tolist()
+    items = [(toks[i], k) for i, k in fails[:30]] + [(toks[i, : k + 1], k) for i, k in fails[:5]]
+    items += [(toks[0], 19), (toks[0], 3)]  # may be correct positions
+    assert len({i for i, _ in fails[:30]}) < 30  # some sequences give several items
+    exs = explainer.explain_many(items)
+    for (t, k), ex in zip(items, exs):
+        alone = explainer.explain(t, k)
+        assert (ex.sequence, ex.position, ex.columns()) == (alone.sequence, alone.position, alone.columns())
+
+
 # ---- the search and the control, on a model whose answers the test decides ------------------------
 
 

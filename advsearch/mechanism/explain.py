@@ -32,7 +32,7 @@ Attribution (linear, from one clean run; `advsearch.mechanism.paths`)
     relative to its mean. `deciding_path` is the path credited with most of the
     gap logit(p) − logit(t*).
 
-Causal check (measured; `advsearch.mechanism.paths.PathModel.run`)
+Causal check (measured; `advsearch.mechanism.paths.PathModel.ablate`)
     The explanation names the smallest set of components whose mean ablation
     makes the model answer t*, found by search over measured effects: every
     single component (16 paths, 6 heads), then sets of 2 to `MAX_SET` drawn from
@@ -62,7 +62,7 @@ Causal check (measured; `advsearch.mechanism.paths.PathModel.run`)
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 
@@ -139,9 +139,13 @@ class Components:
         """Keep masks [N, S, D] and [N, H] that mean-ablate each set of components."""
         member = torch.zeros(len(sets), len(self.names))
         member[[i for i, cs in enumerate(sets) for _ in cs], [c for cs in sets for c in cs]] = 1.0
+        return self.member_masks(member)
+
+    def member_masks(self, member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep masks [N, S, D] and [N, H] that mean-ablate the components marked in `member` [N, C]."""
         drop = member @ (~self.single_keep).flatten(1).float()
         drop_out = member @ (~self.single_keep_out).float()
-        return (drop == 0).view(len(sets), *self.single_keep.shape[1:]), drop_out == 0
+        return (drop == 0).view(len(member), *self.single_keep.shape[1:]), drop_out == 0
 
 
 @dataclass
@@ -260,177 +264,240 @@ class Explainer:
         self.paths = PathModel(model.weights, reference_batch(model.spec), device, dtype=torch.float64)
         self.comp = Components(model.spec.n_heads)
         self.q = self.spec.qmark
+        # the tables' derived views, read for every explanation
+        self._responsible = list(self.tables.responsible_head)
+        self._sets = self.tables.responsibility_sets
+        self._detector_sets = self.tables.detectors
+        self._stories: dict[tuple, str] = {}
 
     def explain(self, tokens: torch.Tensor, pos: int) -> Explanation:
         return self.explain_many([(tokens, pos)])[0]
 
     def explain_many(self, items: list[tuple[torch.Tensor, int]], batch_size: int = 1024) -> list[Explanation]:
-        """Explain many (tokens, position) pairs, batched by prefix length."""
+        """Explain many (tokens, position) pairs.
+
+        The model is causal, so a prefix is read from the longest given prefix that extends it: each
+        sequence is run once, at all its requested positions. Sequences are batched by length, up to
+        `batch_size` positions a batch."""
         prefixes: list[tuple[int, ...]] = []
         for toks, pos in items:
             toks = torch.as_tensor(toks).flatten()
             if not 0 <= pos < len(toks):
                 raise AdvsearchError(f"position {pos} is outside a sequence of {len(toks)} tokens")
-            p = tuple(int(x) for x in toks[: pos + 1])
+            p = tuple(toks[: pos + 1].tolist())
             if p[0] != self.q or any(not 0 <= x < self.q for x in p[1:]):
                 raise AdvsearchError(f"{self.spec.decode(p)!r} is not '?' followed by letters")
             prefixes.append(p)
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, p in enumerate(prefixes):
-            groups[len(p)].append(i)
-        out: list[Explanation | None] = [None] * len(prefixes)
-        for _, idxs in sorted(groups.items()):
-            for start in range(0, len(idxs), batch_size):
-                chunk = idxs[start : start + batch_size]
-                for i, ex in zip(chunk, self._explain_batch(torch.tensor([prefixes[i] for i in chunk]))):
-                    out[i] = ex
-        return out  # type: ignore[return-value]
+        # in sorted order a prefix of any later prefix is a prefix of the next one, which the next one's owner extends
+        owner: dict[tuple[int, ...], tuple[int, ...]] = {}
+        positions: dict[tuple[int, ...], set[int]] = defaultdict(set)
+        rep: tuple[int, ...] = ()
+        for p in sorted(set(prefixes), reverse=True):
+            if rep[: len(p)] != p:
+                rep = p
+            owner[p] = rep
+            positions[rep].add(len(p) - 1)
+        by_length: dict[int, list[tuple[int, ...]]] = defaultdict(list)
+        for r in positions:
+            by_length[len(r)].append(r)
+        done: dict[tuple[tuple[int, ...], int], Explanation] = {}
+        for _, reps in sorted(by_length.items()):
+            reps.sort(key=lambda r: (len(positions[r]), r))  # like counts together: little padding in a batch
+            start = 0
+            while start < len(reps):
+                chunk, n = [], 0
+                while start < len(reps) and (not chunk or n + len(positions[reps[start]]) <= batch_size):
+                    chunk.append(reps[start])
+                    n += len(positions[reps[start]])
+                    start += 1
+                where = [sorted(positions[r]) for r in chunk]
+                exs = iter(self._explain_batch(torch.tensor(chunk), where))
+                for r, ks in zip(chunk, where):
+                    for k in ks:
+                        done[r, k] = next(exs)
+        return [done[owner[p], len(p) - 1] for p in prefixes]
 
     # ---- the batch --------------------------------------------------------------------------
     @torch.no_grad()
-    def _explain_batch(self, toks: torch.Tensor) -> list[Explanation]:
+    def _explain_batch(self, toks: torch.Tensor, positions: list[list[int]]) -> list[Explanation]:
+        """Explanations of the items `positions[b]` of each sequence b of `toks` [B, L], sequence by sequence."""
         comp, pm = self.comp, self.paths
-        B = len(toks)
-        ar = torch.arange(B)
-        clean = pm.run(toks)
-        att = pm.attribute(clean)
-        truth = first_unique(toks, self.q)[:, -1]
-        pred = clean.logits.argmax(-1).cpu()
+        clean = pm.run(toks, positions)
+        seq, pos = clean.seq.cpu(), clean.pos.cpu()
+        N = len(seq)
+        ar = torch.arange(N)
+        truth = first_unique(toks, self.q)[seq, pos]
         logits = clean.logits.cpu()
+        pred = logits.argmax(-1)
         gap = logits[ar, pred] - logits[ar, truth]  # > 0 for a failure
-        failing = (pred != truth).nonzero().flatten().tolist()
+        rows = (pred != truth).nonzero().flatten()
+        R, C = len(rows), len(comp.names)
 
-        # search: every single component for every failing row, then pairs and triples where no smaller set fixes
-        named: dict[int, tuple[tuple[int, ...], float, bool]] = {}  # row -> (set, effect, fixed)
-        eff1 = torch.zeros(B, len(comp.names), dtype=torch.float64)
-        if failing:
-            rows = torch.tensor(failing)
-            n = len(comp.names)
-            e, f = self._ablate(clean, truth, pred, gap, rows.repeat_interleave(n),
-                                comp.single_keep.repeat(len(rows), 1, 1), comp.single_keep_out.repeat(len(rows), 1))
-            e, f = e.view(-1, n), f.view(-1, n)
-            eff1[rows] = e
+        # search: every single component for every failing row, then larger sets where no smaller one fixes
+        named_set = torch.full((N, MAX_SET), -1)  # the named components, -1 padded
+        named_eff = torch.zeros(N, dtype=torch.float64)
+        named_fix = torch.zeros(N, dtype=torch.bool)
+        if R:
+            e, f = self._ablate(clean, truth, pred, gap, rows.repeat_interleave(C),
+                                comp.single_keep.repeat(R, 1, 1), comp.single_keep_out.repeat(R, 1))  # fmt: skip
+            e1, f1 = e.view(R, C), f.view(R, C)
             # a fixing component if any, a path before a head, then the largest effect
-            best = (e + 1e4 * f + 1e3 * (f & comp.path_mask)).argmax(1)
-            at = torch.arange(len(rows))
-            for b, c, ev, fv in zip(failing, best.tolist(), e[at, best].tolist(), f[at, best].tolist()):
-                named[b] = ((c,), ev, fv)
-        for size in range(2, MAX_SET + 1):
-            todo = {b: self._candidates(eff1[b], size) for b in failing if not named[b][2]}
-            if not todo:
-                break
-            e, f = self._measure(clean, truth, pred, gap, todo)
-            for b, sets in todo.items():
-                best = self._best(sets, e[b], f[b])
-                if best[2] or size == MAX_SET:
-                    named[b] = best
+            best = (e1 + 1e4 * f1 + 1e3 * (f1 & comp.path_mask)).argmax(1)
+            at = torch.arange(R)
+            named_set[rows, 0], named_eff[rows], named_fix[rows] = best, e1[at, best], f1[at, best]
+            open_ = ~f1[at, best]  # failing rows (indexing `rows`) no set has fixed yet
+            for size in range(2, MAX_SET + 1):
+                if not open_.any():
+                    break
+                sel = open_.nonzero().flatten()
+                sets, all_paths = self._candidates(e1[sel], size)  # [n, K, size], [K]
+                e, f = self._measure(clean, truth, pred, gap, rows[sel], sets)
+                i = self._best(e, f, all_paths)
+                at = torch.arange(len(sel))
+                fixed = f[at, i]
+                take = fixed | (size == MAX_SET)
+                r = rows[sel[take]]
+                named_set[r, :size], named_eff[r], named_fix[r] = sets[at, i][take], e[at, i][take], fixed[take]
+                open_[sel[fixed]] = False
 
         # controls: like-sized siblings the explanation does not name
-        sizes = self._sizes(clean)
-        controls = {b: self._control(named[b][0], sizes[b]) for b in failing}
-        with_control = {b: [c] for b, c in controls.items() if c is not None}
-        ce, cf = self._measure(clean, truth, pred, gap, with_control) if with_control else ({}, {})
+        sizes = self._sizes(clean).tolist()
+        named_list = named_set[rows].tolist()
+        named_sets = {b: tuple(c for c in cs if c >= 0) for b, cs in zip(rows.tolist(), named_list)}
+        controls = {b: self._control(s, sizes[b]) for b, s in named_sets.items()}
+        ctrl_eff = torch.zeros(N, dtype=torch.float64)
+        ctrl_fix = torch.zeros(N, dtype=torch.bool)
+        by_size: dict[int, list[int]] = defaultdict(list)
+        for b, c in controls.items():
+            if c is not None:
+                by_size[len(c)].append(b)
+        for bs in by_size.values():
+            e, f = self._measure(clean, truth, pred, gap, torch.tensor(bs), torch.tensor([[controls[b]] for b in bs]))
+            ctrl_eff[bs], ctrl_fix[bs] = e[:, 0], f[:, 0]
 
         # attribution rows for the text
         names = comp.names
-        allc = torch.cat([att["paths"].flatten(1, 2), att["heads0"], att["heads1"]], 1).cpu()  # [B, C, V]
-        at_t, at_p = allc[ar, :, truth].tolist(), allc[ar, :, pred].tolist()
-        l0 = clean.pattern0.cpu().numpy()
+        att = pm.attribute(clean)
+        allc = torch.cat([att["paths"].flatten(1, 2), att["heads0"], att["heads1"]], 1).cpu()  # [N, C, V]
+        at_t, at_p = allc[ar, :, truth], allc[ar, :, pred]
+        deciding = (at_p - at_t)[:, : comp.n_paths].argmax(1).tolist()  # the first of equals, as max() picks
+        dup_att = self._duplicate_attention(clean).tolist()
+        toks_l, at_t, at_p = toks.tolist(), at_t.tolist(), at_p.tolist()
+        truth_l, pred_l = truth.tolist(), pred.tolist()
+        logit_t, logit_p = logits[ar, truth].tolist(), logits[ar, pred].tolist()
+        named_fix, named_eff = named_fix.tolist(), named_eff.tolist()
+        ctrl_fix, ctrl_eff = ctrl_fix.tolist(), ctrl_eff.tolist()
         out = []
-        for b in range(B):
-            s_named, effect, fixed = named.get(b, ((), 0.0, False))
-            check = "none" if b not in named else ("confirmed" if fixed else "refuted")
-            ctrl = controls.get(b)
-            control = "none" if ctrl is None else ("fixed" if cf[b][0] else "not_fixed")
+        for n, (b, k) in enumerate(zip(seq.tolist(), pos.tolist())):
+            s_named = named_sets.get(n, ())
+            check = "none" if n not in named_sets else ("confirmed" if named_fix[n] else "refuted")
+            ctrl = controls.get(n)
+            control = "none" if ctrl is None else ("fixed" if ctrl_fix[n] else "not_fixed")
             out.append(self._explanation(
-                toks[b].tolist(), int(truth[b]), int(pred[b]), float(logits[b, truth[b]]), float(logits[b, pred[b]]),
-                at_t[b], at_p[b], l0[b], s_named, check, effect, ctrl or (), control,
-                ce[b][0] if ctrl is not None else 0.0, names))  # fmt: skip
+                toks_l[b][: k + 1], truth_l[n], pred_l[n], logit_t[n], logit_p[n], at_t[n], at_p[n], dup_att[n],
+                s_named, check, named_eff[n], ctrl or (), control, ctrl_eff[n] if ctrl is not None else 0.0,
+                names[deciding[n]]))  # fmt: skip
         return out
 
+    def _duplicate_attention(self, clean) -> torch.Tensor:
+        """[N, H, letters]: each layer-0 head's attention from the latest copy of each letter (up to k) to
+        its earlier copies (0 for a letter with no earlier copy)."""
+        toks, pattern0 = clean.tokens.cpu(), clean.pattern0.cpu()
+        B, L = toks.shape
+        seq, pos = clean.seq.cpu(), clean.pos.cpu()
+        is_x = toks[:, :, None] == torch.arange(self.q)  # [B, L, letters]
+        where = torch.where(is_x, torch.arange(L)[:, None], -1).cummax(1).values  # latest copy up to each position
+        last = where[seq, pos]  # [N, letters]
+        rows = pattern0[seq[:, None, None], torch.arange(pattern0.shape[1])[:, None], last.clamp(min=0)[:, None]]
+        earlier = is_x[seq].transpose(1, 2) & (torch.arange(L) < last[..., None])  # [N, letters, L]
+        return (rows * earlier[:, None]).sum(-1)  # [N, H, letters]
+
     def _ablate(self, clean, truth, pred, gap, rows, keep, keep_out) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per variant: the change of logit(t*) − logit(p) and whether the model then answers t*."""
+        """Per variant of the items `rows`: the change of logit(t*) − logit(p) and whether the model then answers t*."""
         logits = self.paths.ablate(clean, rows, keep, keep_out).cpu()
         ar = torch.arange(len(rows))
         t, p = truth[rows], pred[rows]
         return gap[rows] - (logits[ar, p] - logits[ar, t]), logits.argmax(-1) == t
 
-    def _measure(self, clean, truth, pred, gap, sets: dict[int, list[tuple[int, ...]]]):
-        """`_ablate` for each row's list of component sets; per row, the lists of effects and fixes."""
-        rows = [b for b, ss in sets.items() for _ in ss]
-        keep, keep_out = self.comp.masks([s for ss in sets.values() for s in ss])
-        effect, fixed = self._ablate(clean, truth, pred, gap, torch.tensor(rows), keep, keep_out)
-        e: dict[int, list[float]] = defaultdict(list)
-        f: dict[int, list[bool]] = defaultdict(list)
-        for r, ev, fv in zip(rows, effect.tolist(), fixed.tolist()):
-            e[r].append(ev)
-            f[r].append(fv)
-        return e, f
+    def _measure(self, clean, truth, pred, gap, rows: torch.Tensor, sets: torch.Tensor):
+        """`_ablate` for each row's component sets `sets` [R, K, size]: effects and fixes [R, K]."""
+        R, K, _ = sets.shape
+        member = torch.zeros(R * K, len(self.comp.names))
+        member.scatter_(1, sets.flatten(0, 1), 1.0)
+        keep, keep_out = self.comp.member_masks(member)
+        e, f = self._ablate(clean, truth, pred, gap, rows.repeat_interleave(K), keep, keep_out)
+        return e.view(R, K), f.view(R, K)
 
-    def _best(self, sets, effects, fixed) -> tuple[tuple[int, ...], float, bool]:
-        """The set to name: a fixing one if any (paths before heads, then the largest effect), else the
-        one with the largest effect."""
-        def rank(i):
-            return (fixed[i], all(self.comp.is_path(c) for c in sets[i]), effects[i])
+    @staticmethod
+    def _best(effects: torch.Tensor, fixed: torch.Tensor, all_paths: torch.Tensor) -> torch.Tensor:
+        """Per row [R], the index of the set to name among [R, K]: a fixing one if any, among those one of
+        paths only if any, then the largest effect (the first of equals)."""
+        cand = fixed | ~fixed.any(1, keepdim=True)
+        paths = cand & all_paths
+        cand = cand & (paths | ~paths.any(1, keepdim=True))
+        return effects.masked_fill(~cand, -torch.inf).argmax(1)
 
-        i = max(range(len(sets)), key=rank)
-        return sets[i], effects[i], fixed[i]
-
-    def _candidates(self, eff1: torch.Tensor, size: int) -> list[tuple[int, ...]]:
-        """Sets of `size` components: from the paths with the largest single effects, and from each layer's heads."""
+    def _candidates(self, eff1: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of single effects `eff1` [R, C], the sets of `size` components [R, K, size]: from the
+        `PAIR_POOL` paths with the largest single effects, then from each layer's heads; and which of the
+        K sets are of paths only."""
         P, H = self.comp.n_paths, self.comp.n_heads
-        top = sorted(eff1[:P].argsort(descending=True)[:PAIR_POOL].tolist())
-        sets = list(combinations(top, size))
-        for first in (P, P + H):
-            sets += list(combinations(range(first, first + H), size))
-        return sets
+        top = eff1[:, :P].argsort(dim=1, descending=True)[:, :PAIR_POOL].sort(1).values  # [R, PAIR_POOL]
+        pick = torch.tensor(list(combinations(range(PAIR_POOL), size)), dtype=torch.long)  # [K1, size]
+        heads = [c for first in (P, P + H) for c in combinations(range(first, first + H), size)]
+        sets = top[:, pick]  # [R, K1, size]
+        if heads:
+            sets = torch.cat([sets, torch.tensor(heads).expand(len(sets), -1, -1)], 1)
+        return sets, torch.arange(sets.shape[1]) < len(pick)
 
     def _sizes(self, clean) -> torch.Tensor:
         """How much each component's ablation removes: the norm of its deviation from its mean
-        ([B, C]; paths and layer-0 heads over the positions read, layer-1 heads at k)."""
+        ([N, C]; paths and layer-0 heads over the positions read, layer-1 heads at k)."""
         pm, comp = self.paths, self.comp
-        B, S, L, _ = clean.sources.shape
-        dev = clean.deviation.view(B, S, L, -1).norm(dim=-1)  # [B, S, L]
-        rms = dev.pow(2).mean(-1).sqrt()  # [B, S]
-        at_k = dev[:, :, -1]
+        B, L, S, _ = clean.deviation.shape
+        norm = clean.deviation.norm(dim=-1)[clean.seq].transpose(1, 2)  # [N, S, L]
+        read = (torch.arange(L, device=norm.device) <= clean.pos[:, None])[:, None]  # [N, 1, L]
+        rms = (norm.pow(2) * read).sum(-1).div(clean.pos[:, None] + 1).sqrt()  # [N, S]
+        at_k = norm.gather(2, clean.pos[:, None, None].expand(-1, S, 1))[..., 0]
         D = len(comp.dests)
-        paths = torch.stack([at_k] + [rms] * (D - 1), 2).flatten(1)  # [B, S*D]: direct paths read k only
-        out1 = (clean.out1 - pm.mean_out1[:, L - 1][None]).norm(dim=-1)  # [B, H]
+        paths = torch.stack([at_k] + [rms] * (D - 1), 2).flatten(1)  # [N, S*D]: direct paths read k only
+        out1 = (clean.out1 - pm.mean_out1[:, clean.pos].transpose(0, 1)).norm(dim=-1)  # [N, H]
         return torch.cat([paths, rms[:, 1:], out1], 1).cpu()
 
-    def _control(self, named: tuple[int, ...], sizes: torch.Tensor) -> tuple[int, ...] | None:
+    def _control(self, named: tuple[int, ...], sizes: list[float]) -> tuple[int, ...] | None:
         """For each named component, the sibling closest in size that is neither named nor already used."""
         chosen: list[int] = []
         for c in named:
             options = [x for x in self.comp.siblings(c) if x not in named and x not in chosen]
             if not options:
                 return None
-            chosen.append(min(options, key=lambda x: abs(float(sizes[x] - sizes[c]))))
+            chosen.append(min(options, key=lambda x: abs(sizes[x] - sizes[c])))
         return tuple(chosen)
 
     # ---- one explanation ----------------------------------------------------------------------
-    def _explanation(self, p, t, pr, logit_t, logit_p, at_t, at_p, l0, named, check, effect, control_set,
-                     control, control_effect, names) -> Explanation:  # fmt: skip
-        V, q, tab = self.spec.vocab, self.q, self.tables
-        R, sets = tab.responsible_head, tab.responsibility_sets
-        counts = Counter(p[1:])
+    def _explanation(self, p, t, pr, logit_t, logit_p, at_t, at_p, dup_att, named, check, effect, control_set,
+                     control, control_effect, deciding_path) -> Explanation:  # fmt: skip
+        V, q, R, names = self.spec.vocab, self.q, self._responsible, self.comp.names
+        counts = [0] * (q + 1)
+        for x in p[1:]:
+            counts[x] += 1
         order = list(dict.fromkeys(p[1:]))
         dup = [x for x in order if counts[x] >= 2]
-        uni = [x for x in order if counts[x] == 1]
-        absent = [x for x in range(q) if counts[x] == 0]
         rt = R[t] if t < q else None
         rp = R[pr] if pr < q else None
-        load_letters = [x for x in dup if rt is not None and R[x] == rt]
+        load_letters = [x for x in dup if R[x] == rt] if rt is not None else []
         cat, reason = self._categorise(p, t, pr, counts, load_letters, rt, rp)
         P = self.comp.n_paths
-        paths = {names[c]: {"true": at_t[c], "pred": at_p[c]} for c in range(P)}
-        heads = {names[c]: {"true": at_t[c], "pred": at_p[c]} for c in range(P, len(names))}
-        gaps = {n: v["pred"] - v["true"] for n, v in paths.items()}
+        paths = {n: {"true": a, "pred": b} for n, a, b in zip(names[:P], at_t, at_p)}
+        heads = {n: {"true": a, "pred": b} for n, a, b in zip(names[P:], at_t[P:], at_p[P:])}
         matter = ([pr] if pr < q and counts[pr] >= 2 else []) + load_letters
         if t == q and rp is not None:
             matter += [x for x in dup if R[x] == rp]
+        story = self._stories.get((named, t, pr))
+        if story is None:
+            story = self._stories[named, t, pr] = self._story(named, t, pr, self._sets)
         return Explanation(
-            sequence=self.spec.decode(p),
+            sequence="".join(V[x] for x in p),
             position=len(p) - 1,
             true=V[t],
             predicted=V[pr],
@@ -440,22 +507,22 @@ class Explainer:
             resp_head_pred=rp,
             load=len(load_letters),
             load_letters=[V[x] for x in load_letters],
-            detectors=self._detectors(p, list(dict.fromkeys(matter))[:3], l0),
+            detectors=self._detectors(list(dict.fromkeys(matter))[:3], dup_att),
             components=[names[c] for c in named],
-            story=self._story(named, t, pr, sets),
+            story=story,
             check=check,
             control=control,
             control_components=[names[c] for c in control_set],
             effect=float(effect),
             control_effect=float(control_effect),
-            deciding_path=max(gaps, key=gaps.get) if pr != t else "",
+            deciding_path=deciding_path if pr != t else "",
             logit_true=logit_t,
             logit_pred=logit_p,
             paths=paths,
             heads=heads,
             duplicated=[V[x] for x in dup],
-            unique=[V[x] for x in uni],
-            absent=[V[x] for x in absent],
+            unique=[V[x] for x in order if counts[x] == 1],
+            absent=[V[x] for x in range(q) if counts[x] == 0],
         )
 
     def _categorise(self, p, t, pr, counts, load_letters, rt, rp) -> tuple[str, str]:
@@ -489,17 +556,17 @@ class Explainer:
             return "set_mate_predicted", f"{V[pr]!r}, absent, is a set-mate of the unique {V[t]!r} under {_head(rt)}"
         return "other", f"{V[pr]!r}, absent and of another head's set, beat the unique {V[t]!r}"
 
-    def _detectors(self, p, letters: list[int], l0: torch.Tensor) -> str:
+    def _detectors(self, letters: list[int], dup_att: list[list[float]]) -> str:
         """For each duplicated letter, the layer-0 heads that flagged (attention from its latest copy to
-        the earlier ones at least the tables' threshold) or missed (a detector of it in the tables, below)."""
+        the earlier ones, `dup_att[h][x]`, at least the tables' threshold) or missed (a detector of it in
+        the tables, below)."""
         V, tab = self.spec.vocab, self.tables
         thr, diag = tab.dup_threshold, tab.l0_diag
         parts = []
         for x in letters:
-            where = [i for i, y in enumerate(p) if y == x]
-            last, earlier = where[-1], where[:-1]
             notes = []
-            for h, a in enumerate(l0[:, last, earlier].sum(-1).tolist()):
+            for h, row in enumerate(dup_att):
+                a = row[x]
                 if a >= thr:
                     notes.append(f"0.{h} flagged {a:.2f}")
                 elif diag[h][x] > thr:
@@ -509,15 +576,15 @@ class Explainer:
 
     def _story(self, named: tuple[int, ...], t: int, pr: int, sets: list[list[int]]) -> str:
         """The named components in the tables' terms."""
-        V, comp, tab = self.spec.vocab, self.comp, self.tables
+        V, comp = self.spec.vocab, self.comp
         P, H, D = comp.n_paths, comp.n_heads, len(comp.dests)
 
         def l1(j: int) -> str:
-            role = [f"{w} {V[x]!r}" for w, x in (("truth", t), ("prediction", pr)) if x < self.q and tab.responsible_head[x] == j]
+            role = [f"{w} {V[x]!r}" for w, x in (("truth", t), ("prediction", pr)) if x < self.q and self._responsible[x] == j]
             return f"1.{j} (set {''.join(V[x] for x in sets[j]) or '-'}" + (f"; holds the {', '.join(role)})" if role else ")")
 
         def l0(h: int) -> str:
-            det = "".join(V[x] for x in tab.detectors[h])
+            det = "".join(V[x] for x in self._detector_sets[h])
             return f"0.{h} (detects duplicates of {det})" if det else f"0.{h} (detects no duplicates)"
 
         parts = []
