@@ -12,11 +12,11 @@ torch path (`advsearch.model.load_model`), which validates the checkpoint and wr
 then per layer a LayerNorm without affine (its weights are folded into the processed weights),
 q/k/v, causal softmax attention per head and W_O, then the final LayerNorm and W_U. It computes
 in float64 from the float32 weights, so its logits differ from the evaluator's by the evaluator's
-own float32 rounding only, not by that plus a second float32 rounding of its own: on this model
-that is up to about 2e-4 in logits of magnitude up to about 70 (the evaluator and the
-TransformerLens bridge differ by as much). The probabilities `eval` prints to 4 decimals can
-therefore differ from the torch path's in the last digit, for about 1 sequence in 100; the
-verdicts (truth, prediction, failures) did not differ on any of the sequences compared.
+own float32 rounding only, not by that plus a second float32 rounding of its own. That rounding is
+of the order of 1e-4 in logits of magnitude tens (the evaluator and the TransformerLens bridge
+differ by as much), so a probability printed to 4 decimals can differ from the torch path's in its
+last digit where it lies near a rounding boundary; the verdicts (truth, prediction, failures) are
+the same unless two logits are within that rounding of each other.
 """
 
 from __future__ import annotations
