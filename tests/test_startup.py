@@ -94,8 +94,8 @@ def assert_same_tables(numpy_output: str, torch_output: str) -> None:
 
 WRAPPER = """
 import atexit, json, runpy, sys
-atexit.register(lambda: sys.stderr.write("\\nMODULES " + json.dumps(sorted(m for m in ("torch", "numpy", "transformer_lens")
-                                                                    if m in sys.modules)) + "\\n"))
+HEAVY = ("torch", "numpy", "transformer_lens")
+atexit.register(lambda: sys.stderr.write("\\nMODULES " + json.dumps([m for m in HEAVY if m in sys.modules]) + "\\n"))
 sys.argv = ["advsearch"] + sys.argv[1:]
 runpy.run_module("advsearch.cli", run_name="__main__", alter_sys=True)
 """
