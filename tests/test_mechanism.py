@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from advsearch.mechanism.tables import MechanismTables, compute_tables, ln_scales, reference_batch
-from advsearch.model.checkpoint import DEFAULT_MODEL, expected_shapes, load_model
+from advsearch.model.checkpoint import expected_shapes, load_model
+from advsearch.model.weights_cache import DEFAULT_MODEL
 from advsearch.model.spec import ModelSpec
 
 from .conftest import reference_tokens

@@ -3,14 +3,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from advsearch.errors import AdvsearchError
 from advsearch.model.evaluator import Evaluator
 from advsearch.model.judge import judge
-from advsearch.model.checkpoint import (WEIGHT_NAMES, cache_dir, cache_key, cache_path, load_model, read_cached_weights,
-                             read_state_dict, validate_state_dict)  # fmt: skip
+from advsearch.model.checkpoint import (WEIGHT_NAMES, load_model, read_cached_weights, read_state_dict,
+                                        validate_state_dict)  # fmt: skip
+from advsearch.model.weights_cache import cache_dir, cache_key, cache_path, processed_shapes
 from advsearch.model.spec import ModelSpec
 
 from .conftest import reference_tokens
@@ -98,7 +100,7 @@ def _weights_equal(a, b) -> bool:
 def test_cache_hit_gives_the_fresh_weights_without_transformer_lens(tmp_path, monkeypatch, challenge_path):
     monkeypatch.setenv("ADVSEARCH_CACHE_DIR", str(tmp_path / "cache"))
     assert _load_in_subprocess(challenge_path)[0], "a cold cache builds the bridge"
-    assert len(list((tmp_path / "cache").glob("weights-*.pt"))) == 1
+    assert len(list((tmp_path / "cache").glob("weights-*.npz"))) == 1
     imported, w_e = _load_in_subprocess(challenge_path)
     assert not imported, "a warm cache must not import transformer_lens"
     hit = load_model(challenge_path)
@@ -112,26 +114,73 @@ def test_cache_hit_gives_the_fresh_weights_without_transformer_lens(tmp_path, mo
         assert torch.equal(hit.bridge(toks), fresh.bridge(toks))
 
 
+def _save_npz(path: Path, key: dict, eps, arrays: dict) -> None:
+    """A cache file as `advsearch.model.weights_cache.write_cache_arrays` lays it out, with whatever contents."""
+    with open(path, "wb") as f:
+        np.savez(f, key=np.array(json.dumps(key)), eps=np.array(eps), **arrays)
+
+
+def _arrays(fresh) -> dict:
+    return {n: getattr(fresh, n).numpy() for n in WEIGHT_NAMES}
+
+
 def _corrupt(path: Path, key: dict, spec: ModelSpec, fresh) -> None:
-    path.write_bytes(b"\x00 not a torch file")
+    path.write_bytes(b"\x00 not an npz file")
+
+
+def _truncated(path: Path, key: dict, spec: ModelSpec, fresh) -> None:
+    _save_npz(path, key, fresh.eps, _arrays(fresh))
+    path.write_bytes(path.read_bytes()[:-200])
 
 
 def _stale(path: Path, key: dict, spec: ModelSpec, fresh) -> None:
-    tensors = {n: getattr(fresh, n) + 1 for n in WEIGHT_NAMES}
-    torch.save({"key": key | {"torch": "0.0.1"}, "eps": fresh.eps, "weights": tensors}, path)
+    _save_npz(path, key | {"torch": "0.0.1"}, fresh.eps, {n: a + 1 for n, a in _arrays(fresh).items()})
 
 
 def _misshapen(path: Path, key: dict, spec: ModelSpec, fresh) -> None:
-    tensors = {n: getattr(fresh, n) for n in WEIGHT_NAMES} | {"W_U": torch.zeros(spec.d_model, spec.d_vocab + 1)}
-    torch.save({"key": key, "eps": fresh.eps, "weights": tensors}, path)
+    _save_npz(path, key, fresh.eps, _arrays(fresh) | {"W_U": np.zeros((spec.d_model, spec.d_vocab + 1), np.float32)})
+
+
+def _missing_array(path: Path, key: dict, spec: ModelSpec, fresh) -> None:
+    arrays = _arrays(fresh)
+    del arrays["b_K"]
+    _save_npz(path, key, fresh.eps, arrays)
 
 
 def _not_finite(path: Path, key: dict, spec: ModelSpec, fresh) -> None:
-    tensors = {n: getattr(fresh, n) for n in WEIGHT_NAMES} | {"b_U": torch.full((spec.d_vocab,), float("nan"))}
-    torch.save({"key": key, "eps": fresh.eps, "weights": tensors}, path)
+    _save_npz(path, key, fresh.eps, _arrays(fresh) | {"b_U": np.full(spec.d_vocab, np.nan, np.float32)})
 
 
-@pytest.mark.parametrize("spoil", [_corrupt, _stale, _misshapen, _not_finite])
+def _not_floating(path: Path, key: dict, spec: ModelSpec, fresh) -> None:
+    _save_npz(path, key, fresh.eps, _arrays(fresh) | {"b_U": np.zeros(spec.d_vocab, np.int64)})
+
+
+def _pickled(path: Path, key: dict, spec: ModelSpec, fresh) -> None:
+    _save_npz(path, key, fresh.eps, _arrays(fresh) | {"b_U": np.array([object()] * spec.d_vocab, dtype=object)})
+
+
+def _bad_eps(path: Path, key: dict, spec: ModelSpec, fresh) -> None:
+    _save_npz(path, key, 2.0, _arrays(fresh))
+
+
+SPOILERS = [_corrupt, _truncated, _stale, _misshapen, _missing_array, _not_finite, _not_floating, _pickled, _bad_eps]
+
+
+def test_an_intact_cache_file_is_trusted(tmp_path, monkeypatch, challenge):
+    """The counterpart of the spoiled files below: the same writer with good contents is read back."""
+    monkeypatch.setenv("ADVSEARCH_CACHE_DIR", str(tmp_path))
+    key = cache_key(challenge.sha256, challenge.spec)
+    _save_npz(cache_path(key), key, challenge.weights.eps, _arrays(challenge.weights))
+    assert _weights_equal(read_cached_weights(key, challenge.spec), challenge.weights)
+
+
+def test_processed_shapes_name_every_weight(challenge):
+    shapes = processed_shapes(challenge.spec)
+    assert set(shapes) == set(WEIGHT_NAMES)
+    assert all(tuple(getattr(challenge.weights, n).shape) == s for n, s in shapes.items())
+
+
+@pytest.mark.parametrize("spoil", SPOILERS)
 def test_a_spoiled_cache_file_is_rebuilt_not_trusted(tmp_path, monkeypatch, challenge_path, challenge, spoil):
     monkeypatch.setenv("ADVSEARCH_CACHE_DIR", str(tmp_path))
     key = cache_key(challenge.sha256, challenge.spec)

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from advsearch.cli.mechanism import explain_cmd
 from advsearch.cli.reports import report_cmd
-from advsearch.model.checkpoint import DEFAULT_MODEL
+from advsearch.model.weights_cache import DEFAULT_MODEL
 from advsearch.reports.report import read_run, wilson, write_report
 
 TOP = 3

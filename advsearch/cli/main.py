@@ -264,24 +264,9 @@ def _compare_random(loaded, s: dict, seed: int, batch_size: int, evaluator, min_
 @handle_errors
 def eval_cmd(sequences, model) -> None:
     """Per-position table for each SEQUENCE (e.g. '?acbba'): truth, prediction, probabilities."""
-    from advsearch.model.evaluator import Evaluator
-    from advsearch.model.judge import judge
-    from advsearch.model.checkpoint import load_model
+    from advsearch.model.numpy_eval import eval_lines
 
-    loaded = load_model(model)
-    spec = loaded.spec
-    encoded = [spec.encode(s) for s in sequences]
-    evaluator = Evaluator(loaded.weights, device="cpu")
-    for text, toks in zip(sequences, encoded):
-        j = judge(toks[None], evaluator.logits(toks[None]), spec.qmark)
-        click.echo(f"{text}")
-        click.echo("pos  in  true  pred  p_pred  p_true")
-        for k in range(len(toks)):
-            mark = "  <- FAIL" if j.failure[0, k] else ""
-            click.echo(f"{k:>3}  {text[k]:>2}  {spec.vocab[j.true[0, k]]:>4}  {spec.vocab[j.pred[0, k]]:>4}  "
-                       f"{float(j.p_pred[0, k]):6.4f}  {float(j.p_true[0, k]):6.4f}{mark}")  # fmt: skip
-        n_fail = int(j.failure.sum())
-        click.echo(f"{n_fail} failing position(s)\n" if n_fail else "all positions right\n")
+    click.echo("\n".join(eval_lines(sequences, model)))
 
 
 @main.command()

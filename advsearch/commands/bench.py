@@ -19,7 +19,8 @@ import torch
 
 from advsearch.errors import AdvsearchError
 from advsearch.model.evaluator import Evaluator
-from advsearch.model.checkpoint import LoadedModel, cache_enabled, cache_key, read_cached_weights
+from advsearch.model.checkpoint import LoadedModel, read_cached_weights
+from advsearch.model.weights_cache import cache_enabled, cache_key
 
 
 def _rate(fn, n: int) -> float:
@@ -31,8 +32,9 @@ def _rate(fn, n: int) -> float:
 def startup_seconds(model: LoadedModel, runs: int = 3) -> float:
     """Median wall time of `python -m advsearch.cli.main eval SEQ --model PATH` in a fresh process.
 
-    It is what a user waits for before any work: imports, checkpoint validation and the
-    processed weights (from the cache when it holds them) plus one tiny forward.
+    It is what a user waits for before any work. With the processed weights cached (as `run_bench`
+    leaves them), `eval` hashes the checkpoint and runs a numpy forward without importing torch
+    (`advsearch.numpy_eval`); without them it imports torch, validates the checkpoint and processes it.
     """
     spec = model.spec
     seq = ("?" + "".join(spec.vocab[i % spec.n_letters] for i in (0, 1, 2, 0, 1)))[: spec.seq_len]

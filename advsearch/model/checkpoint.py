@@ -4,36 +4,33 @@ processed weights that the fused evaluator and the mechanism module read.
 
 Importing TransformerLens and processing the weights takes seconds, while the
 fused evaluator needs only the processed tensors (a few kB). So `load_model`
-keeps those tensors in a cache (see `cache_dir`), keyed by the checkpoint's
-sha256, its spec and the versions of advsearch, torch and TransformerLens, and
-builds the bridge only when something asks for `LoadedModel.bridge`. A cache
-file is used only when it loads as plain tensors (`weights_only`), records the
-same key and holds every tensor with the expected shape; anything else is
-rebuilt, and a cache folder that cannot be written is skipped.
+keeps those tensors in a cache (`advsearch.model.weights_cache`: an `.npz` file keyed
+by the checkpoint's sha256, its spec, the versions of advsearch, torch and
+TransformerLens and the code), and builds the bridge only when something asks
+for `LoadedModel.bridge`. A cache file that is corrupt, records another key or
+holds a wrong-shaped or non-finite array is rebuilt, and a cache folder that
+cannot be written is skipped. The format needs no torch to read, which lets
+`advsearch eval` answer from a warm cache without importing torch.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
-import json
 import logging
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
-from advsearch import __version__
 from advsearch.model.determinism import eval_threads
 from advsearch.errors import AdvsearchError
+from advsearch.files import sha256_file
 from advsearch.model.spec import ModelSpec
+from advsearch.model.weights_cache import (cache_enabled, cache_key, read_cache_arrays,
+                                          resolve_model_path, write_cache_arrays)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = Path(__file__).parents[1] / "data" / "default_model.pt"
 OPTIONAL_BUFFERS = (".attn.mask", ".attn.IGNORE")
 
 
@@ -93,15 +90,6 @@ class Weights:
 WEIGHT_NAMES = tuple(f.name for f in fields(Weights) if f.name != "eps")
 
 
-def processed_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Weights field -> shape of the processed tensors for this spec (what a cache file must hold)."""
-    d, h, dh, v, n, L = spec.d_model, spec.n_heads, spec.d_head, spec.d_vocab, spec.seq_len, spec.n_layers
-    shapes = {"W_E": (v, d), "W_pos": (n, d), "W_O": (L, h, dh, d), "b_O": (L, d), "W_U": (d, v), "b_U": (v,)}
-    for m in "QKV":
-        shapes |= {f"W_{m}": (L, h, d, dh), f"b_{m}": (L, h, dh)}
-    return shapes
-
-
 class LoadedModel:
     """A checkpoint ready for use: spec, provenance, processed weights and the bridge.
 
@@ -131,15 +119,6 @@ class LoadedModel:
 
     def __repr__(self) -> str:
         return f"LoadedModel(path={str(self.path)!r}, sha256={self.sha256[:12]!r}, spec={self.spec!r})"
-
-
-def resolve_model_path(model: str | Path | None) -> Path:
-    """`--model` > `$ADVSEARCH_MODEL` > the embedded default checkpoint."""
-    if model:
-        return Path(model)
-    if os.environ.get("ADVSEARCH_MODEL"):
-        return Path(os.environ["ADVSEARCH_MODEL"])
-    return DEFAULT_MODEL
 
 
 def read_state_dict(path: Path) -> dict:
@@ -204,100 +183,20 @@ def weights_from_bridge(bridge) -> Weights:
     )
 
 
-def cache_dir() -> Path:
-    """Where processed weights are cached: `$ADVSEARCH_CACHE_DIR`, else `$XDG_CACHE_HOME/advsearch`,
-    else `~/.cache/advsearch`."""
-    if os.environ.get("ADVSEARCH_CACHE_DIR"):
-        return Path(os.environ["ADVSEARCH_CACHE_DIR"])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "advsearch"
-    return Path.home() / ".cache" / "advsearch"
-
-
-def cache_enabled() -> bool:
-    """False when `$ADVSEARCH_NO_CACHE` is set to anything but empty or 0."""
-    return os.environ.get("ADVSEARCH_NO_CACHE", "") in ("", "0")
-
-
-def _version(package: str) -> str:
-    """A package's installed version from its metadata (without importing it), or 'none'."""
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "none"
-
-
-def cache_key(sha256: str, spec: ModelSpec) -> dict:
-    """Everything the processed weights depend on: the checkpoint's bytes, its spec and the code.
-
-    The code is the installed advsearch, torch and TransformerLens versions plus a hash of this
-    file (which holds the processing), so an edit during development cannot serve stale weights.
-    """
-    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-    return {"format": 1, "sha256": sha256, "spec": spec.to_dict(), "advsearch": __version__, "model_code": code,
-            "torch": str(torch.__version__), "transformer_lens": _version("transformer-lens")}  # fmt: skip
-
-
-def cache_path(key: dict) -> Path:
-    """The cache file for `key` (one file per checkpoint and environment)."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    return cache_dir() / f"weights-{key['sha256'][:16]}-{digest[:16]}.pt"
-
-
 def read_cached_weights(key: dict, spec: ModelSpec) -> Weights | None:
-    """The cached weights for `key`, or None when there are none usable.
-
-    A file that does not load as plain tensors, records another key, lacks a tensor, has a
-    wrong shape or dtype, or holds non-finite values is not trusted (the caller rebuilds it).
-    """
-    try:
-        path = cache_path(key)  # RuntimeError when there is no home folder to put it in
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+    """The cached weights for `key` as tensors, or None when there are none usable (see
+    `advsearch.model.weights_cache.read_cache_arrays` for what is not trusted; the caller rebuilds it)."""
+    cached = read_cache_arrays(key, spec)
+    if cached is None:
         return None
-    except Exception as e:  # unreadable or corrupt: rebuild
-        log.debug("ignoring the weights cache: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return None
-    if not _trusted(payload, key, spec):
-        log.debug("ignoring weights cache %s: its key or tensors do not match", path)
-        return None
-    return Weights(**{n: payload["weights"][n] for n in WEIGHT_NAMES}, eps=float(payload["eps"]))
-
-
-def _trusted(payload, key: dict, spec: ModelSpec) -> bool:
-    """Whether a loaded cache payload is the weights for `key`: same key, every tensor, right shapes, finite."""
-    shapes = processed_shapes(spec)
-    try:
-        tensors, eps = payload["weights"], payload["eps"]
-        if payload["key"] != key or set(tensors) != set(WEIGHT_NAMES) or not 0 < float(eps) < 1:
-            return False
-        return all(
-            isinstance(t := tensors[n], torch.Tensor) and tuple(t.shape) == shapes[n]
-            and t.dtype.is_floating_point and bool(torch.isfinite(t).all())
-            for n in WEIGHT_NAMES
-        )  # fmt: skip
-    except Exception:  # not even the expected containers
-        return False
+    arrays, eps = cached
+    return Weights(**{n: torch.from_numpy(arrays[n]) for n in WEIGHT_NAMES}, eps=eps)
 
 
 def write_cached_weights(key: dict, weights: Weights) -> None:
-    """Store `weights` under `key` atomically (temp file + rename); skip quietly if the folder is unwritable."""
-    payload = {"key": key, "eps": weights.eps, "weights": {n: getattr(weights, n).contiguous() for n in WEIGHT_NAMES}}
-    tmp = None
-    try:
-        path = cache_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # no home, unwritable folder, full disk: run without the cache
-        log.debug("not caching the processed weights: %s", e)
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+    """Store `weights` under `key` (atomically; skipped quietly if the cache folder is unwritable)."""
+    arrays = {n: getattr(weights, n).detach().cpu().numpy() for n in WEIGHT_NAMES}
+    write_cache_arrays(key, arrays, weights.eps)
 
 
 def load_model(model: str | Path | None = None) -> LoadedModel:
@@ -312,7 +211,7 @@ def load_model(model: str | Path | None = None) -> LoadedModel:
     state = read_state_dict(path)
     spec = ModelSpec.for_checkpoint(path)
     validate_state_dict(state, spec, source=str(path))
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    sha = sha256_file(path)
     use_cache = cache_enabled()
     key = cache_key(sha, spec)
     weights = read_cached_weights(key, spec) if use_cache else None

@@ -1,8 +1,16 @@
-"""Ground truth: the first character of each prefix that occurs exactly once in it."""
+"""Ground truth: the first character of each prefix that occurs exactly once in it.
+
+`first_unique` and `first_unique_last` are the batched torch forms; `first_unique_reference` is the
+plain statement of the task, for tests and for `eval`, which answers without importing torch (so
+torch is imported inside the torch forms).
+"""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def first_unique(tokens: torch.Tensor, qmark: int = 10) -> torch.Tensor:
@@ -12,6 +20,8 @@ def first_unique(tokens: torch.Tensor, qmark: int = 10) -> torch.Tensor:
     exactly once in tokens[1..j], else `qmark`; position 0 (the leading `?`) is
     always `qmark`. Token ids must lie in [0, qmark).
     """
+    import torch
+
     squeeze = tokens.dim() == 1
     toks = tokens.unsqueeze(0) if squeeze else tokens
     batch, seq = toks.shape
@@ -36,6 +46,8 @@ def first_unique(tokens: torch.Tensor, qmark: int = 10) -> torch.Tensor:
 
 def first_unique_last(tokens: torch.Tensor, qmark: int = 10) -> torch.Tensor:
     """The label of the last position only, for each row of `tokens` [batch, seq] (cheaper)."""
+    import torch
+
     body = tokens[:, 1:]
     batch, n = body.shape
     counts = torch.zeros(batch, qmark + 1, dtype=torch.int32, device=tokens.device)
@@ -47,7 +59,7 @@ def first_unique_last(tokens: torch.Tensor, qmark: int = 10) -> torch.Tensor:
 
 
 def first_unique_reference(seq: list[int], qmark: int = 10) -> list[int]:
-    """Plain-Python statement of the task, for tests."""
+    """Labels for every position of one sequence of token ids, in plain Python (what `first_unique` computes)."""
     labels = [qmark]
     for j in range(1, len(seq)):
         prefix = seq[1 : j + 1]

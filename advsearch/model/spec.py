@@ -1,14 +1,20 @@
-"""The model's shape and vocabulary, and conversion between strings and token tensors."""
+"""The model's shape and vocabulary, and conversion between strings and token tensors.
+
+torch is imported by the methods that make tensors, not with this module, so that `advsearch eval`
+can read the spec and validate sequences on its torch-free path (`advsearch.numpy_eval`).
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from advsearch.errors import AdvsearchError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,12 @@ class ModelSpec:
 
     def encode(self, text: str) -> torch.Tensor:
         """`'?abc'` -> tensor of token ids, validated against this spec."""
+        import torch
+
+        return torch.tensor(self.token_ids(text), dtype=torch.long)
+
+    def token_ids(self, text: str) -> list[int]:
+        """`'?abc'` -> list of token ids, validated against this spec (one-line AdvsearchError if invalid)."""
         if not text:
             raise AdvsearchError("empty sequence: it must start with '?'")
         bad = sorted({c for c in text if c not in self.vocab})
@@ -77,7 +89,7 @@ class ModelSpec:
             raise AdvsearchError(f"sequence {text!r} must start with '?'")
         if len(text) > self.seq_len:
             raise AdvsearchError(f"sequence {text!r} has {len(text)} tokens; the model takes at most {self.seq_len}")
-        return torch.tensor([self.vocab.index(c) for c in text], dtype=torch.long)
+        return [self.vocab.index(c) for c in text]
 
     def random_tokens(self, n: int, seed: "int | torch.Generator", length: int | None = None) -> torch.Tensor:
         """n sequences of the training distribution: `?` then `length` - 1 (default seq_len - 1)
@@ -87,6 +99,8 @@ class ModelSpec:
         after `torch.manual_seed(seed)` (the challenge's construction), or a generator to draw
         from (the caller's stream continues from where this draw leaves it).
         """
+        import torch
+
         gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
         length = self.seq_len if length is None else length
         body = torch.randint(0, self.n_letters, (n, length - 1), generator=gen)
