@@ -28,7 +28,20 @@ from .base import Proposal, Strategy
 
 
 def prefixes(n: int, start: int, stop: int, n_letters: int, qmark: int) -> torch.Tensor:
-    """Prefixes number start..stop-1 of length n (base-`n_letters` digits), each led by `?`."""
+    """Prefixes number start..stop-1 of length n (base-`n_letters` digits), each led by `?`.
+
+    A run of whole parents (start and stop multiples of `n_letters`, as every prefix-sharing chunk is)
+    is its parents' rows, each repeated once per letter, with the letters 0..n_letters-1 appended:
+    the same tensor as the digit arithmetic, with a tenth of the divisions.
+    """
+    t = n_letters
+    if n > 1 and start % t == 0 and stop % t == 0 and stop > start:
+        parents = prefixes(n - 1, start // t, stop // t, t, qmark)
+        out = torch.empty(stop - start, n + 1, dtype=torch.long)
+        grouped = out.view(len(parents), t, n + 1)
+        grouped[:, :, :n] = parents.unsqueeze(1)
+        grouped[:, :, n] = torch.arange(t, dtype=torch.long)
+        return out
     idx = torch.arange(start, stop, dtype=torch.long).unsqueeze(1)
     powers = n_letters ** torch.arange(n - 1, -1, -1, dtype=torch.long)
     digits = idx // powers % n_letters

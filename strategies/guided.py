@@ -53,9 +53,28 @@ class Constructor:
     def other_letters(self, s: list[int]) -> list[int]:
         return [t for t in range(self.letters) if t not in s]
 
+    def draw(self, pool: list[int], n: int) -> list[int]:
+        """`[rng.choice(pool) for _ in range(n)]`: the same letters from the same random bits, leaving the
+        generator in the same state, without two Python calls per letter.
+
+        `random.Random.choice(seq)` is `seq[rng._randbelow(len(seq))]`, and `_randbelow(m)` draws
+        `getrandbits(m.bit_length())` until the value is below m; this loop makes those calls itself
+        (tests/test_guided.py holds it to `choice`).
+        """
+        size, getrandbits = len(pool), self.rng.getrandbits
+        bits, out = size.bit_length(), []
+        if not size and n > 0:
+            raise IndexError("Cannot choose from an empty sequence")
+        for _ in range(n):
+            r = getrandbits(bits)
+            while r >= size:
+                r = getrandbits(bits)
+            out.append(pool[r])
+        return out
+
     def copies(self, pool: list[int], n: int) -> list[int]:
         """n letters drawn from pool, shuffled, every drawn letter at least twice."""
-        body = [self.rng.choice(pool) for _ in range(max(n, 2))]
+        body = self.draw(pool, max(n, 2))
         body += [t for t in set(body) if body.count(t) == 1]
         self.rng.shuffle(body)
         return body
@@ -64,8 +83,7 @@ class Constructor:
         """Pad with letters of pool that are already duplicated (keeps the answer) and cut to length."""
         dup = [t for t in set(seq[1:]) if seq.count(t) >= 2 and t in pool] or pool
         dup.sort()
-        while len(seq) < self.length:
-            seq.append(self.rng.choice(dup))
+        seq += self.draw(dup, self.length - len(seq))
         return seq[: self.length]
 
     def pick_set(self, min_size: int = 1) -> list[int]:

@@ -162,3 +162,22 @@ def test_guided_beats_random_on_the_challenge_model(challenge):
             hits += int(j.hits().sum())
         yields[name] = hits / 2000
     assert yields["guided"] >= 0.2 and yields["guided"] >= 5 * yields["random"], yields
+
+
+def test_draw_is_random_choice_bit_for_bit():
+    """`Constructor.draw` replaces a loop of `rng.choice`: the same letters and the generator left in the same
+    state, for every pool size (powers of two and not: `choice` rejects draws beyond the size)."""
+    import random
+
+    from strategies.guided import Constructor
+
+    for size in (1, 2, 3, 4, 5, 7, 8, 9, 10, 17):
+        pool = list(range(100, 100 + size))
+        a, b = random.Random(size), random.Random(size)
+        c = Constructor.__new__(Constructor)
+        c.rng = a
+        for n in (0, 1, 5, 40):
+            assert c.draw(pool, n) == [b.choice(pool) for _ in range(n)]
+            assert a.getstate() == b.getstate()
+    with pytest.raises(IndexError):
+        c.draw([], 1)

@@ -50,3 +50,53 @@ def test_logit_margin_sign_and_best_wrong_on_handmade_logits():
     assert best_wrong(logits, label).tolist() == [1, 1, 0]
     assert logit_margin(logits, torch.tensor([1, 1, 0])).tolist() == [-1.0, 0.0, 3.5]
     assert logit_margin(logits.double(), label).dtype == torch.float64
+
+
+def _reference_judge(tokens, logits, qmark, min_confidence=0.5, judge_from=0):
+    """`judge` as one general path (before its fast paths): every tensor built at full size, then filled."""
+    from advsearch.judge import Judged
+    from advsearch.oracle import first_unique, first_unique_last
+
+    batch, seq = tokens.shape
+    first = seq - logits.shape[1]
+    judge_from = max(judge_from, first)
+    if judge_from == seq - 1:
+        true = torch.full_like(tokens, qmark)
+        true[:, -1] = first_unique_last(tokens, qmark)
+    else:
+        true = first_unique(tokens, qmark)
+    logits = logits.float()
+    pred = torch.zeros_like(true)
+    pred[:, first:] = logits.argmax(-1)
+    full_logits = torch.zeros(batch, seq, logits.shape[-1])
+    full_logits[:, first:] = logits
+    probs, last_true = logits.softmax(-1), true[:, first:]
+    p_true, p_pred, margin = (torch.zeros(batch, seq) for _ in range(3))
+    p_true[:, first:] = probs.gather(-1, last_true.unsqueeze(-1)).squeeze(-1)
+    p_pred[:, first:] = probs.gather(-1, pred[:, first:].unsqueeze(-1)).squeeze(-1)
+    margin[:, first:] = logit_margin(logits, last_true)
+    judged = torch.zeros_like(true, dtype=torch.bool)
+    judged[:, judge_from:] = True
+    failure = (pred != true) & judged
+    return Judged(tokens, true, pred, p_true, p_pred, margin, failure, failure & (p_pred >= min_confidence), judged,
+                  full_logits)  # fmt: skip
+
+
+def test_the_fast_paths_give_the_general_paths_tensors_bit_for_bit():
+    """The census (last position only) and full forwards take their own paths through `judge`: every field
+    must equal, bit for bit and in dtype, what the general computation gives."""
+    from dataclasses import fields
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.cat([torch.full((400, 1), 10), torch.randint(0, 10, (400, 7), generator=gen)], 1)
+    full = torch.randn(400, 8, 11, generator=gen) * 4
+    full[::7] = full[::7].round()  # ties: argmax and margin on equal logits
+    cases = [(full[:, -1:], 0), (full[:, -1:], 7), (full, 0), (full, 1), (full, 5), (full, 7), (full[:, -3:], 0)]
+    for logits, judge_from in cases:
+        for min_confidence in (0.5, 0.9):
+            got = judge(tokens, logits, 10, min_confidence, judge_from)
+            want = _reference_judge(tokens, logits, 10, min_confidence, judge_from)
+            for f in fields(want):
+                a, b = getattr(got, f.name), getattr(want, f.name)
+                assert a.dtype == b.dtype and torch.equal(a, b), (f.name, logits.shape, judge_from)
+            assert got.failure.any() and not got.failure.all()  # the case tests something

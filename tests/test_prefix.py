@@ -63,3 +63,65 @@ def test_blocked_extension_is_bit_identical_to_the_whole_chunk(challenge):
                 assert torch.equal(got.keys, want_kv.keys) and torch.equal(got.values, want_kv.values)
             logits, none = extend(fw, kv, 10, keep=False)
             assert none is None and torch.equal(logits, want_logits)
+
+
+def test_prefixes_of_whole_parents_equal_the_digit_arithmetic():
+    """`prefixes` builds runs of whole parents from their parents' rows: the same tensor as base-n digits."""
+
+    def digits(n, start, stop, letters, qmark):
+        idx = torch.arange(start, stop).unsqueeze(1)
+        body = idx // letters ** torch.arange(n - 1, -1, -1) % letters
+        return torch.cat([torch.full((stop - start, 1), qmark), body], 1)
+
+    for n, start, stop in [(1, 0, 10), (2, 0, 100), (3, 10, 50), (3, 13, 57), (5, 0, 100000), (4, 0, 1),
+                           (8, 655300, 720830), (8, 99934470, 100000000), (6, 999990, 1000000)]:  # fmt: skip
+        for letters in (10, 3):
+            if stop <= letters**n:
+                got, want = prefixes(n, start, stop, letters, letters), digits(n, start, stop, letters, letters)
+                assert got.dtype == want.dtype and got.is_contiguous() and torch.equal(got, want), (n, start, stop)
+
+
+def test_the_census_files_are_those_of_the_plain_computation(challenge, tmp_path, monkeypatch):
+    """census.csv and failures.csv of `run --strategy exhaustive --max-len 5`, byte for byte, against the same
+    run computed the plain way: the one-shot extension above, `judge`'s general path, prefixes from their
+    digits and rows written by `csv.DictWriter` (so every fast path of the census is compared)."""
+    import csv
+
+    from advsearch import prefix, results, runner
+    from advsearch.strategy_config import ExhaustiveConfig
+    from strategies import exhaustive, make_strategy
+
+    from .test_judge import _reference_judge
+
+    def census(out):
+        strategy = make_strategy("exhaustive", challenge.spec, ExhaustiveConfig(max_len=5))
+        runner.run_search(challenge, strategy, out, Evaluator(challenge.weights, "cpu"), progress=False)
+        return {name: (out / name).read_bytes() for name in ("census.csv", "failures.csv")}
+
+    fast = census(tmp_path / "fast")
+
+    def plain_extend(fw, kv, letters, keep=True, out=None):
+        logits, grown = _reference_extend(fw, kv, letters)
+        return logits, (grown if keep else None)
+
+    def digits(n, start, stop, letters, qmark):
+        idx = torch.arange(start, stop).unsqueeze(1)
+        body = idx // letters ** torch.arange(n - 1, -1, -1) % letters
+        return torch.cat([torch.full((stop - start, 1), qmark), body], 1)
+
+    def dict_write(self, rows):
+        writer = csv.DictWriter(self.file, fieldnames=self.columns)
+        for row in rows:
+            self.seen.add(row["sequence"])
+            self.confident += row["confident"] is True
+            writer.writerow({c: results.fmt(row.get(c, "")) for c in self.columns})
+        self.file.flush()
+        self.offset = self.file.tell()
+
+    monkeypatch.setattr(prefix, "extend", plain_extend)
+    monkeypatch.setattr(runner, "judge", _reference_judge)
+    monkeypatch.setattr(exhaustive, "prefixes", digits)
+    monkeypatch.setattr(results.FailureLog, "write", dict_write)
+    plain = census(tmp_path / "plain")
+    assert fast["failures.csv"].count(b"\n") > 50  # the run has failures to compare
+    assert fast == plain

@@ -72,3 +72,34 @@ def test_sha256_file(tmp_path):
     data = bytes(range(256)) * 5000  # larger than one read block
     path.write_bytes(data)
     assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_failure_log_writes_the_bytes_of_csv_dictwriter_with_fmt(tmp_path):
+    """`FailureLog.write` formats cells inline and writes lists: the bytes must be those of `csv.DictWriter`
+    fed `fmt`-formatted dicts (quoting, floats, bools, ints, other types, missing cells)."""
+    import csv
+    import io
+
+    import numpy as np
+
+    from advsearch.results import FailureLog, fmt
+
+    columns = ("run_id", "sequence", "position", "p_pred", "confident", "note", "extra")
+    rows = [
+        {"run_id": "r", "sequence": "?ab", "position": 2, "p_pred": 0.123456789, "confident": True, "note": 'a, "b"'},
+        {"run_id": "r", "sequence": "?ba", "position": 2, "p_pred": 1e-7, "confident": False, "note": "x\ny",
+         "extra": np.float64(0.5)},
+        {"run_id": "r", "sequence": "?bb", "position": np.int64(2), "p_pred": 3.0, "confident": np.bool_(True),
+         "note": None, "extra": float("nan")},
+    ]  # fmt: skip
+    log = FailureLog(tmp_path / "failures.csv", columns)
+    log.write(rows[:1])
+    log.write(rows[1:])
+    log.close()
+    want = io.StringIO(newline="")
+    writer = csv.DictWriter(want, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: fmt(row.get(c, "")) for c in columns})
+    assert (tmp_path / "failures.csv").read_bytes() == want.getvalue().encode()
+    assert log.seen == {"?ab", "?ba", "?bb"} and log.confident == 1 and log.offset == len(want.getvalue())

@@ -68,6 +68,10 @@ def judge(
     batch, seq = tokens.shape
     first = seq - logits.shape[1]
     judge_from = max(judge_from, first)
+    if logits.device == tokens.device and first == seq - 1 and judge_from == seq - 1:
+        return _judge_last(tokens, logits, qmark, min_confidence)
+    if logits.device == tokens.device and first == 0:
+        return _judge_all(tokens, logits, qmark, min_confidence, judge_from)
     if judge_from == seq - 1:  # only the last position is judged
         true = torch.full_like(tokens, qmark)
         true[:, -1] = first_unique_last(tokens, qmark)
@@ -97,3 +101,57 @@ def judge(
     failure = (pred != true) & judged
     return Judged(tokens, true, pred, p_true, p_pred, margin, failure, failure & (p_pred >= min_confidence), judged,
                   full_logits)
+
+
+# The two shapes the search loop judges, computed with the operations `judge`'s general path applies
+# to the positions that have logits (so every value is the same, bit for bit), without its copies:
+# the prefix-sharing census (the last position only: each verdict is computed on [batch] vectors, then
+# placed into the last column of the [batch, seq] tensors) and full forwards from position 0 (softmax,
+# argmax and margin straight on the logits, which then are `Judged.logits` themselves).
+
+
+def _judge_last(tokens: torch.Tensor, logits: torch.Tensor, qmark: int, min_confidence: float) -> Judged:
+    """`judge` of [batch, 1, vocab] last-position logits, judged at the last position only."""
+    batch, seq = tokens.shape
+    last = logits[:, 0].float()
+    true_last = first_unique_last(tokens, qmark)
+    pred_last = last.argmax(-1)
+    probs = last.softmax(-1)
+    p_true_last = probs.gather(-1, true_last.unsqueeze(-1)).squeeze(-1)
+    p_pred_last = probs.gather(-1, pred_last.unsqueeze(-1)).squeeze(-1)
+    failure_last = pred_last != true_last
+
+    def column(value: torch.Tensor, fill=0) -> torch.Tensor:  # [batch, seq]: fill, and `value` last
+        out = torch.full((batch, seq), fill, dtype=value.dtype, device=tokens.device)
+        out[:, -1] = value
+        return out
+
+    true, pred = column(true_last, qmark), column(pred_last)
+    p_true, p_pred, margin = column(p_true_last), column(p_pred_last), column(logit_margin(last, true_last))
+    failure = column(failure_last, False)
+    confident = column(failure_last & (p_pred_last >= min_confidence), False)
+    judged = torch.zeros(batch, seq, dtype=torch.bool, device=tokens.device)
+    judged[:, -1] = True
+    full_logits = torch.zeros(batch, seq, last.shape[-1], device=tokens.device)
+    full_logits[:, -1] = last
+    return Judged(tokens, true, pred, p_true, p_pred, margin, failure, confident, judged, full_logits)
+
+
+def _judge_all(tokens: torch.Tensor, logits: torch.Tensor, qmark: int, min_confidence: float,
+               judge_from: int) -> Judged:  # fmt: skip
+    """`judge` of [batch, seq, vocab] logits (every position), judged from `judge_from` on."""
+    logits = logits.float()
+    if judge_from == tokens.shape[1] - 1:  # the oracle of the last position only, as `judge` does
+        true = torch.full_like(tokens, qmark)
+        true[:, -1] = first_unique_last(tokens, qmark)
+    else:
+        true = first_unique(tokens, qmark)
+    pred = logits.argmax(-1)
+    probs = logits.softmax(-1)
+    p_true = probs.gather(-1, true.unsqueeze(-1)).squeeze(-1)
+    p_pred = probs.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
+    judged = torch.zeros_like(true, dtype=torch.bool)
+    judged[:, judge_from:] = True
+    failure = (pred != true) & judged
+    return Judged(tokens, true, pred, p_true, p_pred, logit_margin(logits, true), failure,
+                  failure & (p_pred >= min_confidence), judged, logits)  # fmt: skip

@@ -94,6 +94,9 @@ def extend(fw: FusedWeights, kv: KV, letters: int, keep: bool = True,
     b_qkv, b_heads, b_heads2, b_scores, b_model, b_model2 = buffer(3 * h * dh), buffer(h * dh), buffer(h * dh), \
         buffer(h * n), buffer(d), buffer(d)  # fmt: skip
     b_q = buffer(h * dh)
+    # Layer 0's queries are the same for every parent: the batched product gets them as one contiguous
+    # [parents, H, T, dh] tensor (the copy it made of their broadcast view in every block), made once.
+    q0_rows = q0.expand(most, -1, -1, -1).contiguous()
     for lo, hi in spans:
         rows = hi - lo
         m = rows * letters
@@ -104,7 +107,7 @@ def extend(fw: FusedWeights, kv: KV, letters: int, keep: bool = True,
         x = x0
         for layer in range(n_layers):
             if layer == 0:
-                q, k, v, s_self = q0, k0, v0, s_self0
+                q, k, v, s_self = q0_rows[:rows], k0, v0, s_self0
             else:
                 xn = F.layer_norm(x, x.shape[-1:], eps=fw.eps)
                 qkv = torch.mm(xn.view(m, d), fw.W_qkv[layer], out=take(b_qkv, m, 3 * h * dh))

@@ -63,17 +63,40 @@ class FailureLog:
             self.file = open(path, "w", newline="")
             self.file.write(",".join(columns) + "\r\n")
             self.file.flush()
-        self.writer = csv.DictWriter(self.file, fieldnames=columns)
+        self.writer = csv.writer(self.file)  # the dialect of csv.DictWriter ("excel")
         self.offset = self.file.tell()
 
     def is_new(self, sequence: str) -> bool:
         return sequence not in self.seen
 
     def write(self, rows: list[dict]) -> None:
+        """Append `rows` (missing columns empty), each cell as `fmt` writes it, and flush.
+
+        The rows go to a plain `csv.writer` as lists in column order, which writes the bytes
+        `csv.DictWriter` writes for the same dicts, without its per-row key check; the cells of the
+        common types (str, float, bool, int) are formatted inline, the rest by `fmt`.
+        """
+        columns, seen = self.columns, self.seen
+        lines = []
         for row in rows:
-            self.seen.add(row["sequence"])
+            seen.add(row["sequence"])
             self.confident += row["confident"] is True
-            self.writer.writerow({c: fmt(row.get(c, "")) for c in self.columns})
+            cells = []
+            for c in columns:
+                v = row.get(c, "")
+                kind = type(v)
+                if kind is str:
+                    cells.append(v)
+                elif kind is float:
+                    cells.append(f"{v:.6g}")
+                elif kind is bool:
+                    cells.append("true" if v else "false")
+                elif kind is int:
+                    cells.append(str(v))
+                else:
+                    cells.append(fmt(v))
+            lines.append(cells)
+        self.writer.writerows(lines)
         self.file.flush()
         self.offset = self.file.tell()
 

@@ -12,6 +12,7 @@ The loop, explanations included, computes with the fixed thread count of
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.metadata
 import json
@@ -105,10 +106,11 @@ def candidate_rows(judged: Judged, proposal, spec, run_id: str, strategy: str) -
 
 def new_rows(rows: list[dict], log: FailureLog) -> list[dict]:
     """The rows whose prefix is not in the log yet, each prefix once (its first row)."""
-    out, seen = [], set()
+    out, seen, is_new = [], set(), log.is_new
     for row in rows:
-        if log.is_new(row["sequence"]) and row["sequence"] not in seen:
-            seen.add(row["sequence"])
+        sequence = row["sequence"]
+        if sequence not in seen and is_new(sequence):
+            seen.add(sequence)
             out.append(row)
     return out
 
@@ -215,6 +217,10 @@ def run_search(
         steps = local_steps(strategy, evaluator, min_confidence, run_id)
     else:
         steps = backend.steps(model, strategy, evaluator, min_confidence, run_id)
+    # The loop makes many short-lived objects (a dict per failure row): the collector's full passes
+    # would walk every object made before it (torch, the model, the tables) again and again, so those
+    # are moved out of its reach for the loop's duration.
+    gc.freeze()
     try:
         start = time.perf_counter()
         for step in steps:
@@ -245,6 +251,8 @@ def run_search(
             f"interrupted after {counters['sequences']} sequences; {counters['failures']} failures kept in "
             f"{csv_path}; resuming the run continues it", out_dir
         ) from None
+    finally:
+        gc.unfreeze()
     bar.close()
     log.close()
     write_json(state_path, {"identity": identity, "finished": True, "csv_bytes": log.offset,
