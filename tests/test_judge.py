@@ -54,8 +54,8 @@ def test_logit_margin_sign_and_best_wrong_on_handmade_logits():
 
 def _reference_judge(tokens, logits, qmark, min_confidence=0.5, judge_from=0):
     """`judge` as one general path (before its fast paths): every tensor built at full size, then filled."""
-    from advsearch.judge import Judged
-    from advsearch.oracle import first_unique, first_unique_last
+    from advsearch.model.judge import Judged
+    from advsearch.model.oracle import first_unique, first_unique_last
 
     batch, seq = tokens.shape
     first = seq - logits.shape[1]

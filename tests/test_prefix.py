@@ -87,8 +87,9 @@ def test_the_census_files_are_those_of_the_plain_computation(challenge, tmp_path
     digits and rows written by `csv.DictWriter` (so every fast path of the census is compared)."""
     import csv
 
-    from advsearch import prefix, results, runner
-    from advsearch.strategy_config import ExhaustiveConfig
+    from advsearch.model import prefix
+    from advsearch.search import results, runner
+    from advsearch.search.configs import ExhaustiveConfig
     from strategies import exhaustive, make_strategy
 
     from .test_judge import _reference_judge

@@ -82,7 +82,7 @@ def test_failure_log_writes_the_bytes_of_csv_dictwriter_with_fmt(tmp_path):
 
     import numpy as np
 
-    from advsearch.results import FailureLog, fmt
+    from advsearch.search.results import FailureLog, fmt
 
     columns = ("run_id", "sequence", "position", "p_pred", "confident", "note", "extra")
     rows = [
