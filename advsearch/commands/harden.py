@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -36,10 +35,10 @@ from advsearch import __version__
 from advsearch.errors import AdvsearchError
 from advsearch.model.checkpoint import OPTIONAL_BUFFERS, read_state_dict, validate_state_dict
 from advsearch.model.oracle import first_unique
-from advsearch.files import sha256_file, write_atomic
+from advsearch.files import sha256_file
 from advsearch.model.spec import ModelSpec
 from advsearch.model.tokens import pad_prefixes
-from advsearch.model.train import RawTransformer, _torch_threads, make_dataset
+from advsearch.model.train import RawTransformer, _torch_threads, make_dataset, save_checkpoint
 
 
 @dataclass
@@ -262,7 +261,5 @@ def _harden(model_path, failures, out, o: HardenOptions, progress, provenance) -
         "advsearch_version": __version__,
         "torch_version": torch.__version__,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, lambda tmp: torch.save(state, tmp))
-    write_atomic(Path(str(out) + ".json"), lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2) + "\n"))
+    save_checkpoint(out, state, sidecar)
     return sidecar

@@ -282,7 +282,13 @@ def _train(spec, epochs, batch_size, lr, weight_decay, n_train, n_val, data_seed
         "advsearch_version": __version__,
         "torch_version": torch.__version__,
     }
+    save_checkpoint(out, state, sidecar)
+    return sidecar
+
+
+def save_checkpoint(out: Path, state: dict, sidecar: dict) -> None:
+    """Write the state dict to `out` and its sidecar (spec, provenance, history) to `<out>.json`, each
+    atomically, so that an interrupted save leaves the previous files or the complete new ones."""
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, lambda p: torch.save(state, p))
     write_atomic(Path(str(out) + ".json"), lambda p: p.write_text(json.dumps(sidecar, indent=2) + "\n"))
-    return sidecar
