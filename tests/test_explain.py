@@ -298,6 +298,30 @@ def test_batched_equals_single(explainer, explained):
         assert a.columns() == b.columns()
 
 
+def test_explain_columns_equal_the_explanations_columns(challenge, explainer, explained, other_seed):
+    """The runner's path (`explain_columns`, no `Explanation` objects) gives exactly `columns()`, on every
+    random failure of the fixture, correct positions and a batch smaller than its sequences' items, on
+    both checkpoints."""
+    items, exs = explained
+    assert explainer.explain_columns(items) == [e.columns() for e in exs]
+    assert len({e.category for e in exs}) >= 6 and {e.check for e in exs} >= {"confirmed", "refuted"}
+    toks = challenge.spec.encode("?abcabd")
+    mixed = [(toks, k) for k in range(len(toks))] + items[:50]
+    columns = explainer.explain_columns(mixed, batch_size=7)
+    assert columns == [e.columns() for e in explainer.explain_many(mixed)]
+    assert columns[1]["category"] == "correct" and columns[1]["check"] == "none"
+    as_text = [(challenge.spec.decode(t[: k + 1].tolist()), k) for t, k in mixed]
+    assert explainer.explain_columns(as_text, batch_size=7) == columns
+    with pytest.raises(AdvsearchError):
+        explainer.explain_columns([("?abz", 2)])
+    with pytest.raises(AdvsearchError):
+        explainer.explain_columns([("a?b", 1)])
+    other = Explainer(other_seed)
+    some = random_failures(other_seed, 3_000, seed=11)
+    assert len(some) > 50
+    assert other.explain_columns(some) == [e.columns() for e in other.explain_many(some)]
+
+
 # ---- measured rates (fixture seeds; the README's figures come from other seeds) ---------------
 
 

@@ -246,6 +246,42 @@ class Explanation:
         return "\n".join(lines)
 
 
+@dataclass
+class _Measured:
+    """One batch's measurements, per item (lists indexed by item; `toks` by sequence)."""
+
+    seq: list[int]
+    pos: list[int]
+    toks: list[list[int]]
+    truth: list[int]
+    pred: list[int]
+    logit_true: list[float]
+    logit_pred: list[float]
+    at_true: torch.Tensor  # [N, C]: each component's attribution to logit(t*)
+    at_pred: torch.Tensor  # [N, C]: ... and to logit(p)
+    deciding: list[int]  # the deciding path's component index
+    dup_att: list  # [N][H][letters], `Explainer._duplicate_attention`
+    named: list[tuple[int, ...]]
+    check: list[str]
+    effect: list[float]
+    control_set: list[tuple[int, ...]]
+    control: list[str]
+    control_effect: list[float]
+
+
+@dataclass
+class _Structure:
+    """What an item's prefix says, in the tables' terms (see the module docstring)."""
+
+    counts: list[int]  # copies of each token after '?'
+    order: list[int]  # the letters in order of first appearance
+    dup: list[int]  # the duplicated letters, in that order
+    rt: int | None  # r(t*), None for '?'
+    rp: int | None  # r(p)
+    load_letters: list[int]
+    matter: list[int]  # the duplicates whose detectors the explanation shows (at most 3)
+
+
 class Explainer:
     """Explains failures of one model, batched on the path forward (`advsearch.mechanism.paths`).
 
@@ -269,6 +305,7 @@ class Explainer:
         self._sets = self.tables.responsibility_sets
         self._detector_sets = self.tables.detectors
         self._stories: dict[tuple, str] = {}
+        self._token_ids = {c: i for i, c in enumerate(self.spec.vocab)}
 
     def explain(self, tokens: torch.Tensor, pos: int) -> Explanation:
         return self.explain_many([(tokens, pos)])[0]
@@ -279,13 +316,33 @@ class Explainer:
         The model is causal, so a prefix is read from the longest given prefix that extends it: each
         sequence is run once, at all its requested positions. Sequences are batched by length, up to
         `batch_size` positions a batch."""
+        return self._per_item(items, batch_size, self._explanation)
+
+    def explain_columns(self, items: list[tuple[torch.Tensor | str, int]], batch_size: int = 1024) -> list[dict]:
+        """`[e.columns() for e in self.explain_many(items)]`, without building the `Explanation`s.
+
+        The search runner needs only the failures.csv columns; the attribution tables, the story and
+        the category's reason that an `Explanation` also carries are left out. A sequence can be given
+        as its text (`'?abca'`), as the runner's rows hold it, instead of its tokens."""
+        return self._per_item(items, batch_size, self._columns)
+
+    def _per_item(self, items: list[tuple[torch.Tensor | str, int]], batch_size: int, finish) -> list:
+        """`finish(measured, n)` for each item, from the batches `_measure_batch` measures (see `explain_many`)."""
         prefixes: list[tuple[int, ...]] = []
+        letters, ids = set(range(self.q)), self._token_ids
         for toks, pos in items:
-            toks = torch.as_tensor(toks).flatten()
+            if isinstance(toks, str):
+                if not ids.keys() >= set(toks):
+                    raise AdvsearchError(f"{toks!r} has characters outside the vocabulary {self.spec.vocab!r}")
+                toks = [ids[c] for c in toks]
+            else:
+                toks = torch.as_tensor(toks).flatten().tolist()
             if not 0 <= pos < len(toks):
                 raise AdvsearchError(f"position {pos} is outside a sequence of {len(toks)} tokens")
-            p = tuple(toks[: pos + 1].tolist())
-            if p[0] != self.q or any(not 0 <= x < self.q for x in p[1:]):
+            if pos >= self.spec.seq_len:
+                raise AdvsearchError(f"position {pos} is beyond the model's {self.spec.seq_len} positions")
+            p = tuple(toks[: pos + 1])
+            if p[0] != self.q or not letters.issuperset(p[1:]):
                 raise AdvsearchError(f"{self.spec.decode(p)!r} is not '?' followed by letters")
             prefixes.append(p)
         # in sorted order a prefix of any later prefix is a prefix of the next one, which the next one's owner extends
@@ -300,7 +357,7 @@ class Explainer:
         by_length: dict[int, list[tuple[int, ...]]] = defaultdict(list)
         for r in positions:
             by_length[len(r)].append(r)
-        done: dict[tuple[tuple[int, ...], int], Explanation] = {}
+        done: dict[tuple[tuple[int, ...], int], object] = {}
         for _, reps in sorted(by_length.items()):
             reps.sort(key=lambda r: (len(positions[r]), r))  # like counts together: little padding in a batch
             start = 0
@@ -311,7 +368,8 @@ class Explainer:
                     n += len(positions[reps[start]])
                     start += 1
                 where = [sorted(positions[r]) for r in chunk]
-                exs = iter(self._explain_batch(torch.tensor(chunk), where))
+                measured = self._measure_batch(torch.tensor(chunk), where)
+                exs = (finish(measured, n) for n in range(len(measured.seq)))
                 for r, ks in zip(chunk, where):
                     for k in ks:
                         done[r, k] = next(exs)
@@ -319,8 +377,9 @@ class Explainer:
 
     # ---- the batch --------------------------------------------------------------------------
     @torch.no_grad()
-    def _explain_batch(self, toks: torch.Tensor, positions: list[list[int]]) -> list[Explanation]:
-        """Explanations of the items `positions[b]` of each sequence b of `toks` [B, L], sequence by sequence."""
+    def _measure_batch(self, toks: torch.Tensor, positions: list[list[int]]) -> _Measured:
+        """What the explanations of the items `positions[b]` of each sequence b of `toks` [B, L] need,
+        item by item (sequence by sequence)."""
         comp, pm = self.comp, self.paths
         clean = pm.run(toks, positions)
         seq, pos = clean.seq.cpu(), clean.pos.cpu()
@@ -376,28 +435,23 @@ class Explainer:
             ctrl_eff[bs], ctrl_fix[bs] = e[:, 0], f[:, 0]
 
         # attribution rows for the text
-        names = comp.names
         att = pm.attribute(clean)
         allc = torch.cat([att["paths"].flatten(1, 2), att["heads0"], att["heads1"]], 1).cpu()  # [N, C, V]
         at_t, at_p = allc[ar, :, truth], allc[ar, :, pred]
         deciding = (at_p - at_t)[:, : comp.n_paths].argmax(1).tolist()  # the first of equals, as max() picks
-        dup_att = self._duplicate_attention(clean).tolist()
-        toks_l, at_t, at_p = toks.tolist(), at_t.tolist(), at_p.tolist()
-        truth_l, pred_l = truth.tolist(), pred.tolist()
-        logit_t, logit_p = logits[ar, truth].tolist(), logits[ar, pred].tolist()
-        named_fix, named_eff = named_fix.tolist(), named_eff.tolist()
-        ctrl_fix, ctrl_eff = ctrl_fix.tolist(), ctrl_eff.tolist()
-        out = []
-        for n, (b, k) in enumerate(zip(seq.tolist(), pos.tolist())):
-            s_named = named_sets.get(n, ())
-            check = "none" if n not in named_sets else ("confirmed" if named_fix[n] else "refuted")
-            ctrl = controls.get(n)
-            control = "none" if ctrl is None else ("fixed" if ctrl_fix[n] else "not_fixed")
-            out.append(self._explanation(
-                toks_l[b][: k + 1], truth_l[n], pred_l[n], logit_t[n], logit_p[n], at_t[n], at_p[n], dup_att[n],
-                s_named, check, named_eff[n], ctrl or (), control, ctrl_eff[n] if ctrl is not None else 0.0,
-                names[deciding[n]]))  # fmt: skip
-        return out
+        checks = ["none"] * N
+        for n, fix in zip(rows.tolist(), named_fix[rows].tolist()):
+            checks[n] = "confirmed" if fix else "refuted"
+        ctrl_fix = ctrl_fix.tolist()
+        return _Measured(
+            seq=seq.tolist(), pos=pos.tolist(), toks=toks.tolist(), truth=truth.tolist(), pred=pred.tolist(),
+            logit_true=logits[ar, truth].tolist(), logit_pred=logits[ar, pred].tolist(), at_true=at_t, at_pred=at_p,
+            deciding=deciding, dup_att=self._duplicate_attention(clean).tolist(),
+            named=[named_sets.get(n, ()) for n in range(N)], check=checks, effect=named_eff.tolist(),
+            control_set=[controls.get(n) or () for n in range(N)],
+            control=["none" if controls.get(n) is None else ("fixed" if ctrl_fix[n] else "not_fixed") for n in range(N)],
+            control_effect=ctrl_eff.tolist(),
+        )  # fmt: skip
 
     def _duplicate_attention(self, clean) -> torch.Tensor:
         """[N, H, letters]: each layer-0 head's attention from the latest copy of each letter (up to k) to
@@ -474,25 +528,50 @@ class Explainer:
             chosen.append(min(options, key=lambda x: abs(sizes[x] - sizes[c])))
         return tuple(chosen)
 
-    # ---- one explanation ----------------------------------------------------------------------
-    def _explanation(self, p, t, pr, logit_t, logit_p, at_t, at_p, dup_att, named, check, effect, control_set,
-                     control, control_effect, deciding_path) -> Explanation:  # fmt: skip
-        V, q, R, names = self.spec.vocab, self.q, self._responsible, self.comp.names
-        counts = [0] * (q + 1)
+    # ---- one item ---------------------------------------------------------------------------
+    def _structure(self, p: list[int], t: int, pr: int) -> _Structure:
+        counts = [0] * (self.q + 1)
         for x in p[1:]:
             counts[x] += 1
         order = list(dict.fromkeys(p[1:]))
         dup = [x for x in order if counts[x] >= 2]
-        rt = R[t] if t < q else None
-        rp = R[pr] if pr < q else None
+        R = self._responsible
+        rt = R[t] if t < self.q else None
+        rp = R[pr] if pr < self.q else None
         load_letters = [x for x in dup if R[x] == rt] if rt is not None else []
-        cat, reason = self._categorise(p, t, pr, counts, load_letters, rt, rp)
-        P = self.comp.n_paths
-        paths = {n: {"true": a, "pred": b} for n, a, b in zip(names[:P], at_t, at_p)}
-        heads = {n: {"true": a, "pred": b} for n, a, b in zip(names[P:], at_t[P:], at_p[P:])}
-        matter = ([pr] if pr < q and counts[pr] >= 2 else []) + load_letters
-        if t == q and rp is not None:
+        matter = ([pr] if pr < self.q and counts[pr] >= 2 else []) + load_letters
+        if t == self.q and rp is not None:
             matter += [x for x in dup if R[x] == rp]
+        return _Structure(counts, order, dup, rt, rp, load_letters, list(dict.fromkeys(matter))[:3])
+
+    def _columns(self, m: _Measured, n: int) -> dict[str, str | int | float]:
+        """Item n's failures.csv columns, as `Explanation.columns()` gives them."""
+        p, t, pr = m.toks[m.seq[n]][: m.pos[n] + 1], m.truth[n], m.pred[n]
+        st = self._structure(p, t, pr)
+        names = self.comp.names
+        return {
+            "category": self._category(p, t, pr, st),
+            "resp_head_true": _head(st.rt),
+            "resp_head_pred": _head(st.rp),
+            "load": len(st.load_letters),
+            "detectors": self._detectors(st.matter, m.dup_att[n]),
+            "deciding_path": names[m.deciding[n]] if pr != t else "",
+            "components": "+".join(names[c] for c in m.named[n]),
+            "check": m.check[n],
+            "control": m.control[n],
+            "effect": round(float(m.effect[n]), 4),
+            "control_effect": round(float(m.control_effect[n]), 4),
+        }
+
+    def _explanation(self, m: _Measured, n: int) -> Explanation:
+        V, q, names = self.spec.vocab, self.q, self.comp.names
+        p, t, pr, named = m.toks[m.seq[n]][: m.pos[n] + 1], m.truth[n], m.pred[n], m.named[n]
+        st = self._structure(p, t, pr)
+        cat, reason = self._categorise(p, t, pr, st)
+        P = self.comp.n_paths
+        at_t, at_p = m.at_true[n].tolist(), m.at_pred[n].tolist()
+        paths = {x: {"true": a, "pred": b} for x, a, b in zip(names[:P], at_t, at_p)}
+        heads = {x: {"true": a, "pred": b} for x, a, b in zip(names[P:], at_t[P:], at_p[P:])}
         story = self._stories.get((named, t, pr))
         if story is None:
             story = self._stories[named, t, pr] = self._story(named, t, pr, self._sets)
@@ -503,58 +582,72 @@ class Explainer:
             predicted=V[pr],
             category=cat,
             reason=reason,
-            resp_head_true=rt,
-            resp_head_pred=rp,
-            load=len(load_letters),
-            load_letters=[V[x] for x in load_letters],
-            detectors=self._detectors(list(dict.fromkeys(matter))[:3], dup_att),
+            resp_head_true=st.rt,
+            resp_head_pred=st.rp,
+            load=len(st.load_letters),
+            load_letters=[V[x] for x in st.load_letters],
+            detectors=self._detectors(st.matter, m.dup_att[n]),
             components=[names[c] for c in named],
             story=story,
-            check=check,
-            control=control,
-            control_components=[names[c] for c in control_set],
-            effect=float(effect),
-            control_effect=float(control_effect),
-            deciding_path=deciding_path if pr != t else "",
-            logit_true=logit_t,
-            logit_pred=logit_p,
+            check=m.check[n],
+            control=m.control[n],
+            control_components=[names[c] for c in m.control_set[n]],
+            effect=float(m.effect[n]),
+            control_effect=float(m.control_effect[n]),
+            deciding_path=names[m.deciding[n]] if pr != t else "",
+            logit_true=m.logit_true[n],
+            logit_pred=m.logit_pred[n],
             paths=paths,
             heads=heads,
-            duplicated=[V[x] for x in dup],
-            unique=[V[x] for x in order if counts[x] == 1],
-            absent=[V[x] for x in range(q) if counts[x] == 0],
+            duplicated=[V[x] for x in st.dup],
+            unique=[V[x] for x in st.order if st.counts[x] == 1],
+            absent=[V[x] for x in range(q) if st.counts[x] == 0],
         )
 
-    def _categorise(self, p, t, pr, counts, load_letters, rt, rp) -> tuple[str, str]:
-        V, q = self.spec.vocab, self.q
-        k = len(p) - 1
+    def _category(self, p: list[int], t: int, pr: int, st: _Structure) -> str:
+        """The first matching rule of the module docstring's list."""
+        q, counts, k = self.q, st.counts, len(p) - 1
         if pr == t:
-            return "correct", "the model predicts the truth here"
+            return "correct"
         if t == q:
-            if counts[pr] >= 2:
-                return "qmark_expected", f"every letter is duplicated, yet {V[pr]!r} ({counts[pr]} copies) beat '?'"
-            return "absent_letter_predicted", f"every letter is duplicated and {V[pr]!r}, which does not occur, beat '?'"
+            return "qmark_expected" if counts[pr] >= 2 else "absent_letter_predicted"
         if pr == q and p[k] != t:
-            return "unique_missed_qmark", f"{V[t]!r} (position {p.index(t)}) is unique but fell below '?'"
+            return "unique_missed_qmark"
         if p[k] == t and counts[t] == 1:
-            return "first_instance_missed", f"{V[t]!r} appears for the first time here but lost to {V[pr]!r}"
+            return "first_instance_missed"
         if counts[pr] >= 2:
-            return "duplicate_not_suppressed", (
-                f"{V[pr]!r} occurs {counts[pr]} times but was not pushed below the unique {V[t]!r}"
-            )
+            return "duplicate_not_suppressed"
         if counts[pr] == 1:
-            if load_letters and rt != rp:
-                return "overloaded_head", (
-                    f"{_head(rt)}, responsible for {V[t]!r}, also carries the duplicated "
-                    f"{''.join(V[x] for x in load_letters)} of its set; the later unique {V[pr]!r} "
-                    f"({_head(rp)}'s set) wins"
-                )
-            return "later_unique_preferred", (
+            return "overloaded_head" if st.load_letters and st.rt != st.rp else "later_unique_preferred"
+        return "set_mate_predicted" if st.rt == st.rp else "other"
+
+    def _categorise(self, p: list[int], t: int, pr: int, st: _Structure) -> tuple[str, str]:
+        """The category (`_category`) and the reason it gives, in words."""
+        V, counts, rt, rp = self.spec.vocab, st.counts, st.rt, st.rp
+        cat = self._category(p, t, pr, st)
+        reason = {
+            "correct": lambda: "the model predicts the truth here",
+            "qmark_expected": lambda: f"every letter is duplicated, yet {V[pr]!r} ({counts[pr]} copies) beat '?'",
+            "absent_letter_predicted": lambda: (
+                f"every letter is duplicated and {V[pr]!r}, which does not occur, beat '?'"
+            ),
+            "unique_missed_qmark": lambda: f"{V[t]!r} (position {p.index(t)}) is unique but fell below '?'",
+            "first_instance_missed": lambda: f"{V[t]!r} appears for the first time here but lost to {V[pr]!r}",
+            "duplicate_not_suppressed": lambda: (
+                f"{V[pr]!r} occurs {counts[pr]} times but was not pushed below the unique {V[t]!r}"
+            ),
+            "overloaded_head": lambda: (
+                f"{_head(rt)}, responsible for {V[t]!r}, also carries the duplicated "
+                f"{''.join(V[x] for x in st.load_letters)} of its set; the later unique {V[pr]!r} "
+                f"({_head(rp)}'s set) wins"
+            ),
+            "later_unique_preferred": lambda: (
                 f"{V[t]!r} (position {p.index(t)}) lost to the later unique {V[pr]!r} (position {p.index(pr)})"
-            )
-        if rt == rp:
-            return "set_mate_predicted", f"{V[pr]!r}, absent, is a set-mate of the unique {V[t]!r} under {_head(rt)}"
-        return "other", f"{V[pr]!r}, absent and of another head's set, beat the unique {V[t]!r}"
+            ),
+            "set_mate_predicted": lambda: f"{V[pr]!r}, absent, is a set-mate of the unique {V[t]!r} under {_head(rt)}",
+            "other": lambda: f"{V[pr]!r}, absent and of another head's set, beat the unique {V[t]!r}",
+        }[cat]()
+        return cat, reason
 
     def _detectors(self, letters: list[int], dup_att: list[list[float]]) -> str:
         """For each duplicated letter, the layer-0 heads that flagged (attention from its latest copy to

@@ -181,7 +181,8 @@ class PathModel:
         q = (at @ self.W_Q1).view(B, m, 1 + S, H, dh).permute(0, 3, 2, 1, 4).contiguous()
 
         N = len(seq)
-        table = torch.zeros(N, self.rows, resid.shape[-1], dtype=resid.dtype, device=dev_)
+        # a head's rows are written when their pattern is first asked for (`have`); the rest below
+        table = torch.empty(N, self.rows, resid.shape[-1], dtype=resid.dtype, device=dev_)
         run = PathRun(tokens, seq, pos, slots, slot_pos, pattern0, deviation, gram, kv, q, table,
                       torch.zeros(N, 2**S, dtype=torch.bool, device=dev_))  # fmt: skip
         out, pattern1, scale = self._heads(run, None, [0])

@@ -226,9 +226,9 @@ def run_search(
         for step in steps:
             rows = new_rows(step.rows, log)
             if explainer is not None and rows:
-                items = [(spec.encode(r["sequence"]), r["position"]) for r in rows]
-                for row, expl in zip(rows, explainer.explain_many(items)):
-                    row.update(expl.columns())
+                items = [(r["sequence"], r["position"]) for r in rows]
+                for row, columns in zip(rows, explainer.explain_columns(items)):
+                    row.update(columns)
             if minimizer is not None and rows:
                 minimizer.annotate(rows)  # fills the `minimized` column (advsearch.search.minimize)
             log.write(rows)
