@@ -54,7 +54,7 @@ def random_run(tmp_path_factory, challenge):
 
     out = tmp_path_factory.mktemp("runs") / "random"
     strategy = make_strategy("random", challenge.spec, RandomConfig(budget=1000, seed=0))
-    run_search(challenge, strategy, out, Evaluator(challenge.weights, "cpu"), explainer=Explainer(challenge),
+    run_search(challenge, strategy, out, Evaluator(challenge.weights, "cpu"), annotators=[Explainer(challenge)],
                progress=False)  # fmt: skip
     return out
 

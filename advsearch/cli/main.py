@@ -200,7 +200,7 @@ def run(ctx, strategy, model, budget, seed, out, device, batch_size, min_confide
     strat, evaluator = search.strategy, search.evaluator
     try:
         s = run_search(loaded, strat, out, evaluator, min_confidence=min_confidence, resume=resume,
-                       overwrite=overwrite, explainer=search.explainer, minimizer=search.minimizer, progress=not quiet,
+                       overwrite=overwrite, annotators=search.annotators, progress=not quiet,
                        backend=ray_backend)  # fmt: skip
     except RunExists as e:
         raise AdvsearchError(f"{e.out_dir} already holds a run; --resume continues it, --overwrite replaces it") from None

@@ -66,7 +66,7 @@ def guided_rate(model: LoadedModel, budget: int, device: str, explain: bool) -> 
     setup = time.perf_counter() - start
     with tempfile.TemporaryDirectory(prefix="advsearch-bench-") as tmp:
         start = time.perf_counter()
-        s = run_search(model, search.strategy, Path(tmp) / "guided", search.evaluator, explainer=search.explainer,
+        s = run_search(model, search.strategy, Path(tmp) / "guided", search.evaluator, annotators=search.annotators,
                        progress=False)  # fmt: skip
         wall = time.perf_counter() - start
     return s["sequences"] / wall, setup

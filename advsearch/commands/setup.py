@@ -29,6 +29,11 @@ class Search:
     minimizer: object | None = None  # advsearch.search.minimize.Minimizer, for the `minimized` column
     tables: object | None = None  # advsearch.mechanism.tables.MechanismTables, when computed
 
+    @property
+    def annotators(self) -> list:
+        """What fills the extra failures.csv columns, in column order: the explainer, then the minimizer."""
+        return [a for a in (self.explainer, self.minimizer) if a is not None]
+
 
 def make_search_strategy(loaded, strategy: str, config=None, *, tables=None):
     """Strategy `strategy` on `loaded` with `config` (its config from `advsearch.search.configs`; None:

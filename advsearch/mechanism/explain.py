@@ -318,6 +318,11 @@ class Explainer:
         `batch_size` positions a batch."""
         return self._per_item(items, batch_size, self._explanation)
 
+    def annotate(self, rows: list[dict]) -> None:
+        """Fill the explanation columns of failures.csv rows (dicts with `sequence` and `position`), in place."""
+        for row, columns in zip(rows, self.explain_columns([(r["sequence"], r["position"]) for r in rows])):
+            row.update(columns)
+
     def explain_columns(self, items: list[tuple[torch.Tensor | str, int]], batch_size: int = 1024) -> list[dict]:
         """`[e.columns() for e in self.explain_many(items)]`, without building the `Explanation`s.
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from advsearch.errors import AdvsearchError
 from advsearch.search.results import FailureRows
 
+EXPLANATION_COLUMNS = ("category", "check", "control", "effect", "control_effect")  # what the audit reads
 AUDIT_COLUMNS = ("group", "name", "failures", "checked", "confirmed", "specific",
                  "median_effect", "median_control_effect")  # fmt: skip
 
@@ -53,7 +54,7 @@ def audit_rows(rows: list[dict]) -> list[dict]:
 def audit_csv(path: Path) -> list[dict]:
     """The audit table of a failures.csv written with explanations."""
     with FailureRows(path) as reader:
-        missing = [c for c in ("category", "check", "control", "effect", "control_effect") if c not in reader.columns]
+        missing = [c for c in EXPLANATION_COLUMNS if c not in reader.columns]
         if missing:
             raise AdvsearchError(f"{path} has no explanation columns ({', '.join(missing)}); "
                                  "the run was written without explanations")  # fmt: skip

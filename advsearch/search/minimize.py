@@ -62,6 +62,8 @@ class _Item:
 class Minimizer:
     """Minimises failures with one evaluator; `annotate` fills the `minimized` column of failure rows."""
 
+    columns = ("minimized",)
+
     def __init__(self, evaluator, spec: ModelSpec):
         self.evaluator, self.spec = evaluator, spec
 

@@ -1,4 +1,4 @@
-"""The search loop: strategy -> evaluator -> judge -> (explainer) -> results.
+"""The search loop: strategy -> evaluator -> judge -> annotators (explainer, minimizer) -> results.
 
 One readable loop over *steps*: a step is a judged batch's candidate failure
 rows and counts. Locally a step is one propose -> evaluate -> judge -> observe
@@ -8,6 +8,10 @@ and `resume=True` continues from the last finished step without duplicating rows
 (or, when no step had finished yet, starts the run again from the beginning).
 The loop, explanations included, computes with the fixed thread count of
 `advsearch.model.determinism`, so the results do not depend on the machine's threads.
+
+An *annotator* adds columns to the failure rows of each step before they are written: the
+explainer (`advsearch.mechanism.explain.Explainer`: category, causal check, control, ...) and the
+minimizer (`advsearch.search.minimize.Minimizer`: `minimized`).
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import importlib.metadata
 import json
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -28,6 +33,7 @@ from tqdm.auto import tqdm
 from advsearch import __version__
 from advsearch.model.determinism import EVAL_THREADS, eval_threads
 from advsearch.errors import AdvsearchError, Interrupted, RunExists
+from advsearch.search.audit import EXPLANATION_COLUMNS, audit_csv
 from advsearch.model.evaluator import Evaluator
 from advsearch.model.judge import YIELD_CONFIDENCE, Judged, judge
 from advsearch.model.checkpoint import LoadedModel
@@ -46,6 +52,14 @@ def run_identifier(model: LoadedModel, strategy, min_confidence: float) -> str:
     """A run id that depends only on what determines the results (so reruns are byte-identical)."""
     key = json.dumps([strategy.name, strategy.params(), model.sha256, min_confidence], sort_keys=True)
     return f"{strategy.name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+class Annotator(Protocol):
+    """Adds `columns` to failure rows (dicts with at least `sequence` and `position`), in place."""
+
+    columns: tuple[str, ...]
+
+    def annotate(self, rows: list[dict]) -> None: ...
 
 
 @dataclass
@@ -143,8 +157,7 @@ def run_search(
     min_confidence: float = 0.5,
     resume: bool = False,
     overwrite: bool = False,
-    explainer=None,
-    minimizer=None,
+    annotators: Sequence[Annotator] = (),
     progress: bool = True,
     backend=None,
 ) -> dict:
@@ -156,8 +169,7 @@ def run_search(
     """
     spec, run_id = model.spec, run_identifier(model, strategy, min_confidence)
     out_dir = Path(out_dir) if out_dir is not None else Path("results") / run_id
-    columns = FAILURE_COLUMNS + strategy.extra_columns + (explainer.columns if explainer else ())
-    columns += ("minimized",) if minimizer is not None else ()
+    columns = FAILURE_COLUMNS + strategy.extra_columns + tuple(c for a in annotators for c in a.columns)
     identity = {"strategy": strategy.name, "params": strategy.params(), "model_sha256": model.sha256,
                 "min_confidence": min_confidence, "columns": list(columns), "eval_threads": EVAL_THREADS}  # fmt: skip
     state_path, csv_path = out_dir / "state.json", out_dir / "failures.csv"
@@ -202,9 +214,7 @@ def run_search(
             "files": ["failures.csv", *strategy.tables()],
             "tables": {name: rows for name, rows in strategy.tables().items() if len(rows) <= 100},
         }  # fmt: skip
-        if explainer is not None:
-            from advsearch.search.audit import audit_csv
-
+        if set(EXPLANATION_COLUMNS) <= set(columns):
             data["audit"] = audit_csv(csv_path)  # how the explanations hold (advsearch audit)
         for name, rows in strategy.tables().items():
             write_table(out_dir / name, rows)
@@ -225,12 +235,8 @@ def run_search(
         start = time.perf_counter()
         for step in steps:
             rows = new_rows(step.rows, log)
-            if explainer is not None and rows:
-                items = [(r["sequence"], r["position"]) for r in rows]
-                for row, columns in zip(rows, explainer.explain_columns(items)):
-                    row.update(columns)
-            if minimizer is not None and rows:
-                minimizer.annotate(rows)  # fills the `minimized` column (advsearch.search.minimize)
+            for annotator in annotators if rows else ():
+                annotator.annotate(rows)
             log.write(rows)
             counters["sequences"] += step.sequences
             counters["positions"] += step.positions
