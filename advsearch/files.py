@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,14 +14,21 @@ from advsearch.errors import AdvsearchError
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp)` on a sibling `<name>.tmp`, then rename it over `path`.
+    """Call `write(tmp)` on a sibling temporary file, then rename it over `path`.
 
-    Readers (and a run interrupted mid-write) see either the old file or the complete new one.
+    Readers (and a run interrupted mid-write) see either the old file or the complete new one. The
+    temporary name is unique to this call, so processes writing the same file (two runs filling one
+    weights cache entry, say) do not write into each other's temporary file; it is removed if
+    `write` or the rename fails.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def sha256_file(path: Path) -> str:

@@ -53,33 +53,10 @@ def test_logit_margin_sign_and_best_wrong_on_handmade_logits():
 
 
 def _reference_judge(tokens, logits, qmark, min_confidence=0.5, judge_from=0):
-    """`judge` as one general path (before its fast paths): every tensor built at full size, then filled."""
-    from advsearch.model.judge import Judged
-    from advsearch.model.oracle import first_unique, first_unique_last
+    """`judge` through its general path only (no fast path)."""
+    from advsearch.model.judge import _judge_general
 
-    batch, seq = tokens.shape
-    first = seq - logits.shape[1]
-    judge_from = max(judge_from, first)
-    if judge_from == seq - 1:
-        true = torch.full_like(tokens, qmark)
-        true[:, -1] = first_unique_last(tokens, qmark)
-    else:
-        true = first_unique(tokens, qmark)
-    logits = logits.float()
-    pred = torch.zeros_like(true)
-    pred[:, first:] = logits.argmax(-1)
-    full_logits = torch.zeros(batch, seq, logits.shape[-1])
-    full_logits[:, first:] = logits
-    probs, last_true = logits.softmax(-1), true[:, first:]
-    p_true, p_pred, margin = (torch.zeros(batch, seq) for _ in range(3))
-    p_true[:, first:] = probs.gather(-1, last_true.unsqueeze(-1)).squeeze(-1)
-    p_pred[:, first:] = probs.gather(-1, pred[:, first:].unsqueeze(-1)).squeeze(-1)
-    margin[:, first:] = logit_margin(logits, last_true)
-    judged = torch.zeros_like(true, dtype=torch.bool)
-    judged[:, judge_from:] = True
-    failure = (pred != true) & judged
-    return Judged(tokens, true, pred, p_true, p_pred, margin, failure, failure & (p_pred >= min_confidence), judged,
-                  full_logits)  # fmt: skip
+    return _judge_general(tokens, logits, qmark, min_confidence, max(judge_from, tokens.shape[1] - logits.shape[1]))
 
 
 def test_the_fast_paths_give_the_general_paths_tensors_bit_for_bit():

@@ -121,7 +121,7 @@ def _save_npz(path: Path, key: dict, eps, arrays: dict) -> None:
 
 
 def _arrays(fresh) -> dict:
-    return {n: getattr(fresh, n).numpy() for n in WEIGHT_NAMES}
+    return fresh.arrays()
 
 
 def _corrupt(path: Path, key: dict, spec: ModelSpec, fresh) -> None:

@@ -65,6 +65,11 @@ def test_write_atomic_replaces_whole_files_and_leaves_no_temporary(tmp_path):
     with pytest.raises(RuntimeError):
         write_atomic(path, fail)
     assert path.read_text() == "new"  # the old file is untouched by a write that did not finish
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"], "the unfinished temporary is removed"
+    names = []
+    write_atomic(path, lambda tmp: names.append(tmp.name) or tmp.write_text("a"))
+    write_atomic(path, lambda tmp: names.append(tmp.name) or tmp.write_text("b"))
+    assert names[0] != names[1], "each write has its own temporary (concurrent writers do not share one)"
 
 
 def test_sha256_file(tmp_path):

@@ -30,7 +30,7 @@ ROW = re.compile(r"^\s*(\d+)\s+(\S)\s+(\S)\s+(\S)\s+(\d\.\d{4})\s+(\d\.\d{4})(  
 
 
 def _numpy_weights(loaded) -> dict:
-    return {n: getattr(loaded.weights, n).numpy() for n in WEIGHT_NAMES}
+    return loaded.weights.arrays()
 
 
 def _random_sequences(n: int, seed: int) -> list[list[int]]:

@@ -20,6 +20,7 @@ import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from advsearch.model.determinism import eval_threads
@@ -85,6 +86,10 @@ class Weights:
     W_U: torch.Tensor
     b_U: torch.Tensor
     eps: float = 1e-5
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The tensors as numpy arrays by field name (what the weights cache and the numpy forward hold)."""
+        return {n: getattr(self, n).detach().cpu().numpy() for n in WEIGHT_NAMES}
 
 
 WEIGHT_NAMES = tuple(f.name for f in fields(Weights) if f.name != "eps")
@@ -195,8 +200,7 @@ def read_cached_weights(key: dict, spec: ModelSpec) -> Weights | None:
 
 def write_cached_weights(key: dict, weights: Weights) -> None:
     """Store `weights` under `key` (atomically; skipped quietly if the cache folder is unwritable)."""
-    arrays = {n: getattr(weights, n).detach().cpu().numpy() for n in WEIGHT_NAMES}
-    write_cache_arrays(key, arrays, weights.eps)
+    write_cache_arrays(key, weights.arrays(), weights.eps)
 
 
 def load_model(model: str | Path | None = None) -> LoadedModel:

@@ -72,6 +72,16 @@ def judge(
         return _judge_last(tokens, logits, qmark, min_confidence)
     if logits.device == tokens.device and first == 0:
         return _judge_all(tokens, logits, qmark, min_confidence, judge_from)
+    return _judge_general(tokens, logits, qmark, min_confidence, judge_from)
+
+
+def _judge_general(tokens: torch.Tensor, logits: torch.Tensor, qmark: int, min_confidence: float,
+                   judge_from: int) -> Judged:  # fmt: skip
+    """`judge` of logits for the last k positions (k = seq for all of them): every tensor is built at
+    full size, filled at the positions that have logits, and left at what zero logits give (0, 0 and
+    margin 0) elsewhere. The fast paths below must give exactly these tensors."""
+    batch, seq = tokens.shape
+    first = seq - logits.shape[1]
     if judge_from == seq - 1:  # only the last position is judged
         true = torch.full_like(tokens, qmark)
         true[:, -1] = first_unique_last(tokens, qmark)
@@ -82,20 +92,11 @@ def judge(
     pred[:, first:] = logits.argmax(-1)
     full_logits = torch.zeros(batch, seq, logits.shape[-1])
     full_logits[:, first:] = logits
-    if first == 0:
-        probs = torch.zeros_like(full_logits)
-        probs[:, first:] = logits.softmax(-1)
-        p_true = probs.gather(-1, true.unsqueeze(-1)).squeeze(-1)
-        p_pred = probs.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
-        margin = logit_margin(full_logits, true)
-    else:
-        # Only the last positions have logits (prefix sharing): compute on those, with the same
-        # operations per position, and leave the others at what zero logits gave (0, 0 and margin 0).
-        probs, last_true = logits.softmax(-1), true[:, first:]
-        p_true, p_pred, margin = (torch.zeros(batch, seq) for _ in range(3))
-        p_true[:, first:] = probs.gather(-1, last_true.unsqueeze(-1)).squeeze(-1)
-        p_pred[:, first:] = probs.gather(-1, pred[:, first:].unsqueeze(-1)).squeeze(-1)
-        margin[:, first:] = logit_margin(logits, last_true)
+    probs, last_true = logits.softmax(-1), true[:, first:]
+    p_true, p_pred, margin = (torch.zeros(batch, seq) for _ in range(3))
+    p_true[:, first:] = probs.gather(-1, last_true.unsqueeze(-1)).squeeze(-1)
+    p_pred[:, first:] = probs.gather(-1, pred[:, first:].unsqueeze(-1)).squeeze(-1)
+    margin[:, first:] = logit_margin(logits, last_true)
     judged = torch.zeros_like(true, dtype=torch.bool)
     judged[:, judge_from:] = True
     failure = (pred != true) & judged

@@ -114,10 +114,10 @@ def eval_lines(sequences: list[str], model: str | Path | None) -> list[str]:
     An invalid sequence is a one-line AdvsearchError, raised before anything is printed."""
     found = cached_weights(model)
     if found is None:
-        from advsearch.model.checkpoint import WEIGHT_NAMES, load_model
+        from advsearch.model.checkpoint import load_model
 
         loaded = load_model(model)
-        found = (loaded.spec, {n: getattr(loaded.weights, n).numpy() for n in WEIGHT_NAMES}, loaded.weights.eps)
+        found = (loaded.spec, loaded.weights.arrays(), loaded.weights.eps)
     spec, w, eps = found
     for text in sequences:
         spec.token_ids(text)

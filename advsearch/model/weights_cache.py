@@ -19,12 +19,12 @@ import importlib.metadata
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from advsearch import __version__
+from advsearch.files import write_atomic
 from advsearch.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -136,21 +136,17 @@ def _trusted(payload: dict[str, np.ndarray], key: dict, spec: ModelSpec) -> tupl
 
 
 def write_cache_arrays(key: dict, arrays: dict[str, np.ndarray], eps: float) -> None:
-    """Store `arrays` and `eps` under `key` atomically (temp file + rename); skip quietly if the folder is
-    unwritable."""
-    tmp = None
-    try:
-        path = cache_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+    """Store `arrays` and `eps` under `key` (`advsearch.files.write_atomic`); skip quietly if the cache
+    folder cannot be made or written."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: given a path, np.savez would append ".npz" to it
             np.savez(f, key=np.array(json.dumps(key, sort_keys=True)), eps=np.array(float(eps)),
                      **{n: np.ascontiguousarray(a) for n, a in arrays.items()})  # fmt: skip
-        os.replace(tmp, path)
+
+    try:
+        path = cache_path(key)  # RuntimeError when there is no home folder to put it in
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, write)
     except (OSError, RuntimeError) as e:  # no home, unwritable folder, full disk: run without the cache
         log.debug("not caching the processed weights: %s", e)
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
