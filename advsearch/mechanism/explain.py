@@ -98,6 +98,25 @@ def _head(h: int | None) -> str:
     return "" if h is None else f"1.{h}"
 
 
+def csv_columns(category: str, resp_head_true: int | None, resp_head_pred: int | None, load: int, detectors: str,
+                deciding_path: str, components: list[str], check: str, control: str, effect: float,
+                control_effect: float) -> dict[str, str | int | float]:  # fmt: skip
+    """The explanation columns of failures.csv (`CSV_COLUMNS`), formatted as written."""
+    return {
+        "category": category,
+        "resp_head_true": _head(resp_head_true),
+        "resp_head_pred": _head(resp_head_pred),
+        "load": load,
+        "detectors": detectors,
+        "deciding_path": deciding_path,
+        "components": "+".join(components),
+        "check": check,
+        "control": control,
+        "effect": round(float(effect), 4),
+        "control_effect": round(float(control_effect), 4),
+    }
+
+
 class Components:
     """The ablatable components of a 2-layer model with `n_heads` heads per layer.
 
@@ -190,19 +209,9 @@ class Explanation:
 
     def columns(self) -> dict[str, str | int | float]:
         """The explanation columns of failures.csv."""
-        return {
-            "category": self.category,
-            "resp_head_true": _head(self.resp_head_true),
-            "resp_head_pred": _head(self.resp_head_pred),
-            "load": self.load,
-            "detectors": self.detectors,
-            "deciding_path": self.deciding_path,
-            "components": "+".join(self.components),
-            "check": self.check,
-            "control": self.control,
-            "effect": round(self.effect, 4),
-            "control_effect": round(self.control_effect, 4),
-        }
+        return csv_columns(self.category, self.resp_head_true, self.resp_head_pred, self.load, self.detectors,
+                           self.deciding_path, self.components, self.check, self.control, self.effect,
+                           self.control_effect)  # fmt: skip
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -552,21 +561,11 @@ class Explainer:
     def _columns(self, m: _Measured, n: int) -> dict[str, str | int | float]:
         """Item n's failures.csv columns, as `Explanation.columns()` gives them."""
         p, t, pr = m.toks[m.seq[n]][: m.pos[n] + 1], m.truth[n], m.pred[n]
-        st = self._structure(p, t, pr)
-        names = self.comp.names
-        return {
-            "category": self._category(p, t, pr, st),
-            "resp_head_true": _head(st.rt),
-            "resp_head_pred": _head(st.rp),
-            "load": len(st.load_letters),
-            "detectors": self._detectors(st.matter, m.dup_att[n]),
-            "deciding_path": names[m.deciding[n]] if pr != t else "",
-            "components": "+".join(names[c] for c in m.named[n]),
-            "check": m.check[n],
-            "control": m.control[n],
-            "effect": round(float(m.effect[n]), 4),
-            "control_effect": round(float(m.control_effect[n]), 4),
-        }
+        st, names = self._structure(p, t, pr), self.comp.names
+        return csv_columns(self._category(p, t, pr, st), st.rt, st.rp, len(st.load_letters),
+                           self._detectors(st.matter, m.dup_att[n]), names[m.deciding[n]] if pr != t else "",
+                           [names[c] for c in m.named[n]], m.check[n], m.control[n], m.effect[n],
+                           m.control_effect[n])  # fmt: skip
 
     def _explanation(self, m: _Measured, n: int) -> Explanation:
         V, q, names = self.spec.vocab, self.q, self.comp.names
