@@ -20,10 +20,10 @@ import base64
 
 import torch
 
-from advsearch.search.confusions import ConfusionTable
 from advsearch.model.judge import Judged
-from advsearch.search.objectives import Scores, Target, score
 from advsearch.search.configs import AdaptiveConfig, ConfigError
+from advsearch.search.confusions import ConfusionTable
+from advsearch.search.objectives import Scores, Target, score
 
 from .base import Strategy
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from advsearch.search.configs import LocalConfig
 from advsearch.model.tokens import one_letter_neighbours
+from advsearch.search.configs import LocalConfig
 
 from .adaptive import AdaptiveStrategy
 from .base import Proposal

@@ -54,6 +54,7 @@ import threading
 import time
 import uuid
 import warnings
+
 import torch
 
 from advsearch.errors import AdvsearchError

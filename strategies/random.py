@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from advsearch.search.confusions import ConfusionTable
 from advsearch.search.configs import RandomConfig
+from advsearch.search.confusions import ConfusionTable
 
 from .base import Proposal, Strategy
 

@@ -170,9 +170,8 @@ def test_help_does_not_import_torch():
 
 
 def test_static_strategy_names_match_the_registry():
-    from strategies import STRATEGIES
-
     from advsearch.cli.main import STRATEGY_NAMES
+    from strategies import STRATEGIES
 
     assert STRATEGY_NAMES == tuple(STRATEGIES)
 

@@ -69,8 +69,8 @@ def made_strategies(monkeypatch):
     and stops there; returns the list the strategies are appended to."""
     from types import SimpleNamespace
 
-    import advsearch.model.checkpoint
     import advsearch.commands.setup
+    import advsearch.model.checkpoint
     from advsearch.model.spec import ModelSpec
     from strategies import make_strategy
 

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from advsearch.cli.mechanism import explain_cmd, mechanism_cmd
 from advsearch.errors import AdvsearchError
-from advsearch.model.evaluator import Evaluator
 from advsearch.mechanism.explain import CATEGORIES, CSV_COLUMNS, Components, Explainer, failing_positions
 from advsearch.mechanism.tables import reference_batch
+from advsearch.model.evaluator import Evaluator
 from advsearch.model.oracle import first_unique
 
 N_SEQUENCES = 10_000  # fixture seed 7; the rates the README quotes come from other seeds

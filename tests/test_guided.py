@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from advsearch.errors import AdvsearchError
+from advsearch.mechanism.tables import compute_tables
 from advsearch.model.evaluator import Evaluator
 from advsearch.model.judge import judge
-from advsearch.mechanism.tables import compute_tables
 from advsearch.model.oracle import first_unique
 from advsearch.model.spec import ModelSpec
 from advsearch.search.configs import STRATEGY_CONFIGS, GuidedConfig

@@ -3,18 +3,18 @@ import json
 import pytest
 import torch
 
-from advsearch.search.confusions import ConfusionTable
 from advsearch.errors import AdvsearchError
 from advsearch.model.evaluator import Evaluator
 from advsearch.model.judge import judge
-from advsearch.search.objectives import Target, score
 from advsearch.model.spec import ModelSpec
+from advsearch.model.tokens import one_letter_neighbours
 from advsearch.search.configs import STRATEGY_CONFIGS, LocalConfig
+from advsearch.search.confusions import ConfusionTable
+from advsearch.search.objectives import Target, score
 from strategies import make_strategy
+from strategies.local import double_moves
 
 from .conftest import drive
-from advsearch.model.tokens import one_letter_neighbours
-from strategies.local import double_moves
 
 SPEC = ModelSpec()
 

@@ -7,8 +7,8 @@ import torch
 
 from advsearch.mechanism.tables import MechanismTables, compute_tables, ln_scales, reference_batch
 from advsearch.model.checkpoint import expected_shapes, load_model
-from advsearch.model.weights_cache import DEFAULT_MODEL
 from advsearch.model.spec import ModelSpec
+from advsearch.model.weights_cache import DEFAULT_MODEL
 
 from .conftest import reference_tokens
 

@@ -8,8 +8,8 @@ from advsearch.cli.main import main
 from advsearch.errors import AdvsearchError
 from advsearch.model.evaluator import Evaluator
 from advsearch.model.judge import judge
-from advsearch.search.minimize import Minimizer
 from advsearch.model.spec import ModelSpec
+from advsearch.search.minimize import Minimizer
 
 SPEC = ModelSpec()
 

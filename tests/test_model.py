@@ -8,12 +8,17 @@ import pytest
 import torch
 
 from advsearch.errors import AdvsearchError
+from advsearch.model.checkpoint import (
+    WEIGHT_NAMES,
+    load_model,
+    read_cached_weights,
+    read_state_dict,
+    validate_state_dict,  # fmt: skip
+)
 from advsearch.model.evaluator import Evaluator
 from advsearch.model.judge import judge
-from advsearch.model.checkpoint import (WEIGHT_NAMES, load_model, read_cached_weights, read_state_dict,
-                                        validate_state_dict)  # fmt: skip
-from advsearch.model.weights_cache import cache_dir, cache_key, cache_path, processed_shapes
 from advsearch.model.spec import ModelSpec
+from advsearch.model.weights_cache import cache_dir, cache_key, cache_path, processed_shapes
 
 from .conftest import reference_tokens
 

@@ -3,9 +3,9 @@ import torch
 
 from advsearch.errors import AdvsearchError
 from advsearch.model.judge import judge
-from advsearch.search.objectives import MISMATCH_PENALTY, Target, score
 from advsearch.model.oracle import first_unique
 from advsearch.model.spec import ModelSpec
+from advsearch.search.objectives import MISMATCH_PENALTY, Target, score
 
 SPEC = ModelSpec()
 Q = SPEC.qmark

@@ -13,14 +13,14 @@ import strategies
 import strategies.optuna as optuna_strategy
 from advsearch.errors import AdvsearchError
 from advsearch.model.evaluator import Evaluator
-from advsearch.search.objectives import score
 from advsearch.model.spec import ModelSpec
 from advsearch.search.configs import OptunaConfig
+from advsearch.search.objectives import score
 from strategies import make_strategy
-
-from .conftest import drive
 from strategies.base import Proposal, Strategy
 from strategies.optuna import make_sampler, open_storage
+
+from .conftest import drive
 
 SPEC = ModelSpec()
 COMPLETE = optuna.trial.TrialState.COMPLETE

@@ -46,10 +46,10 @@ def one_line_error(result, code=2):
 @pytest.fixture(scope="module")
 def random_run(tmp_path_factory, challenge):
     """A real random run on the challenge checkpoint, with the explanation columns."""
-    from advsearch.model.evaluator import Evaluator
     from advsearch.mechanism.explain import Explainer
-    from advsearch.search.runner import run_search
+    from advsearch.model.evaluator import Evaluator
     from advsearch.search.configs import RandomConfig
+    from advsearch.search.runner import run_search
     from strategies import make_strategy
 
     out = tmp_path_factory.mktemp("runs") / "random"
@@ -168,8 +168,8 @@ def test_report_size_does_not_grow_with_the_run(report, random_run, tmp_path, ch
 
 def test_exhaustive_report_shows_rate_by_length(tmp_path, challenge):
     from advsearch.model.evaluator import Evaluator
-    from advsearch.search.runner import run_search
     from advsearch.search.configs import ExhaustiveConfig
+    from advsearch.search.runner import run_search
     from strategies import make_strategy
 
     strategy = make_strategy("exhaustive", challenge.spec, ExhaustiveConfig(max_len=3))

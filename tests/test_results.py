@@ -5,10 +5,10 @@ import hashlib
 import pytest
 
 from advsearch.errors import AdvsearchError
-from advsearch.reports.report import read_run as report_run
 from advsearch.files import sha256_file, write_atomic
-from advsearch.search.results import FailureRows
 from advsearch.regress.suite import read_run as suite_run
+from advsearch.reports.report import read_run as report_run
+from advsearch.search.results import FailureRows
 
 HEADER = "run_id,strategy,sequence,position,true,predicted,p_true,p_pred,margin,confident\r\n"
 ROWS = ["r,random,?aab,3,b,a,0.3,0.6,1,true\r\n", "r,random,?aa,2,?,a,0.01,0.99,5,true\r\n"]

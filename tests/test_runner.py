@@ -3,8 +3,8 @@ import csv
 import torch
 
 from advsearch.model.evaluator import Evaluator
-from advsearch.search.runner import run_search
 from advsearch.search.configs import SampledConfig
+from advsearch.search.runner import run_search
 from strategies.base import Proposal, Strategy
 
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from advsearch.errors import AdvsearchError
-from advsearch.model.evaluator import Evaluator
 from advsearch.model.checkpoint import WEIGHT_NAMES, load_model, read_cached_weights
-from advsearch.model.weights_cache import cache_key, cache_path
+from advsearch.model.evaluator import Evaluator
 from advsearch.model.judge import judge
 from advsearch.model.numpy_eval import forward, table_lines
+from advsearch.model.weights_cache import cache_key, cache_path
 
 from .conftest import REPO, invoke, reference_tokens
 from .test_model import SPOILERS

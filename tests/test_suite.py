@@ -15,8 +15,8 @@ import torch
 
 from advsearch.errors import AdvsearchError
 from advsearch.model.checkpoint import load_model, read_state_dict
-from advsearch.regress.suite import judge_last, read_run, read_suite
 from advsearch.model.evaluator import Evaluator
+from advsearch.regress.suite import judge_last, read_run, read_suite
 from advsearch.regress.testing import assert_robust, evaluate_suite
 
 from .conftest import invoke

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from advsearch.model.evaluator import Evaluator
 from advsearch.model.checkpoint import expected_shapes, load_model
+from advsearch.model.evaluator import Evaluator
 from advsearch.model.oracle import first_unique
 from advsearch.model.spec import ModelSpec
 from advsearch.model.train import RawTransformer, make_dataset, train

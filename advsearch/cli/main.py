@@ -12,11 +12,11 @@ import click
 
 from advsearch import __version__
 from advsearch.cli.mechanism import explain_cmd, mechanism_cmd
+from advsearch.cli.options import device_option, handle_errors, model_option
 from advsearch.cli.reports import audit_cmd, report_cmd
 from advsearch.cli.suites import compare, harden, regress, suite
-from advsearch.cli.options import device_option, handle_errors, model_option
-from advsearch.model.determinism import eval_threads
 from advsearch.errors import AdvsearchError, Interrupted, RunExists
+from advsearch.model.determinism import eval_threads
 from advsearch.search.configs import STRATEGY_CONFIGS, ConfigError
 
 
@@ -176,9 +176,9 @@ def run(ctx, strategy, model, budget, seed, out, device, batch_size, min_confide
     The options whose help starts with strategy names (random/local/optuna: ...) are the fields of those
     strategies' configs (advsearch/search/configs.py), and apply to those strategies only.
     """
+    from advsearch.commands.setup import prepare_search
     from advsearch.model.checkpoint import load_model
     from advsearch.search.runner import run_search
-    from advsearch.commands.setup import prepare_search
 
     if resume and out is None:
         raise click.UsageError("--resume needs --out (the folder of the run to continue)")
@@ -240,11 +240,10 @@ def _compare_random(loaded, s: dict, seed: int, batch_size: int, evaluator, min_
                     quiet: bool) -> str:  # fmt: skip
     """Run the random baseline with the same budget into <out>/random-baseline, record the yield ratio in the
     summary and return the line that reports it."""
-    from strategies import make_strategy
-
     from advsearch.files import write_json
-    from advsearch.search.runner import run_search
     from advsearch.search.configs import RandomConfig
+    from advsearch.search.runner import run_search
+    from strategies import make_strategy
 
     baseline = make_strategy("random", loaded.spec, RandomConfig(budget=s["sequences"], seed=seed,
                                                                  batch_size=batch_size))  # fmt: skip
@@ -276,9 +275,9 @@ def eval_cmd(sequences, model) -> None:
 @handle_errors
 def minimize(sequence, pos, model) -> None:
     """Shrink a failing SEQUENCE while it fails with the same (true, predicted) kind."""
+    from advsearch.model.checkpoint import load_model
     from advsearch.model.evaluator import Evaluator
     from advsearch.search.minimize import Minimizer
-    from advsearch.model.checkpoint import load_model
 
     loaded = load_model(model)
     m = Minimizer(Evaluator(loaded.weights, device="cpu"), loaded.spec).minimize(sequence, pos)
@@ -338,8 +337,8 @@ def bench(model, device, n, batch_size, census_len, guided_budget, startup_runs,
 @handle_errors
 def train(epochs, seed, out) -> None:
     """Train a model with the challenge's recipe (100k sequences, Adam 1e-3, batch 512)."""
-    from advsearch.search.results import prepare_dir
     from advsearch.model.train import train as train_model
+    from advsearch.search.results import prepare_dir
 
     prepare_dir(out.parent if str(out.parent) else Path("."))
     info = train_model(epochs=epochs, init_seed=seed, out=out)

@@ -159,12 +159,12 @@ def harden(model, suite_path, out, from_runs, steps, batch_size, lr, mix, focus,
     """Fine-tune --model on the training distribution mixed with the suite's failures; regress before/after."""
     from advsearch.commands.harden import HardenOptions
     from advsearch.commands.harden import harden as run_harden
+    from advsearch.files import sha256_file
     from advsearch.model.checkpoint import load_model
     from advsearch.model.weights_cache import resolve_model_path
-    from advsearch.files import sha256_file
-    from advsearch.search.results import prepare_dir
     from advsearch.regress.suite import read_run, read_suite
     from advsearch.regress.testing import evaluate_suite
+    from advsearch.search.results import prepare_dir
 
     model_path = resolve_model_path(model)
     before = load_model(model_path)

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from advsearch.errors import AdvsearchError
-from advsearch.model.evaluator import Evaluator
 from advsearch.model.checkpoint import LoadedModel, read_cached_weights
+from advsearch.model.evaluator import Evaluator
 from advsearch.model.weights_cache import cache_enabled, cache_key
 
 
@@ -57,9 +57,9 @@ def guided_rate(model: LoadedModel, budget: int, device: str, explain: bool) -> 
     the mechanism tables, is timed apart), then `run_search` writes failures.csv and summary.json
     into a temporary folder, so the rate includes judging, the CSV and (with `explain`) explanations.
     """
-    from advsearch.search.runner import run_search
     from advsearch.commands.setup import prepare_search
     from advsearch.search.configs import GuidedConfig
+    from advsearch.search.runner import run_search
 
     start = time.perf_counter()
     search = prepare_search(model, "guided", GuidedConfig(budget=budget, seed=0), device=device, explain=explain)
@@ -76,10 +76,9 @@ def census_rate(model: LoadedModel, max_len: int, evaluator: Evaluator) -> float
     """Prefixes/s of `run --strategy exhaustive --max-len L --no-explain` (default chunks, prefix sharing):
     `run_search` with `evaluator`, failures.csv, census.csv and summary.json written into a temporary
     folder, so the rate includes judging and the CSV, computed with the run's fixed thread count."""
-    from strategies import make_strategy
-
-    from advsearch.search.runner import run_search
     from advsearch.search.configs import ExhaustiveConfig
+    from advsearch.search.runner import run_search
+    from strategies import make_strategy
 
     strategy = make_strategy("exhaustive", model.spec, ExhaustiveConfig(max_len=max_len))
     with tempfile.TemporaryDirectory(prefix="advsearch-bench-") as tmp:

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from advsearch.errors import AdvsearchError
-from advsearch.model.evaluator import Evaluator
 from advsearch.mechanism.explain import Explainer
+from advsearch.model.evaluator import Evaluator
 from advsearch.model.judge import judge
 
 SUITES_DIR = Path("results") / "suites"
@@ -62,10 +62,9 @@ def find_suites(suites: list[Path] | None) -> list[Path]:
 
 
 def yield_section(model, strategy_name: str, budget: int, seed: int, device: str, min_confidence: float) -> dict:
-    from strategies import STRATEGIES
-
     from advsearch.commands.setup import make_search_strategy, strategy_options
     from advsearch.search.runner import run_search
+    from strategies import STRATEGIES
 
     if strategy_name not in STRATEGIES:
         return {"skipped": f"no {strategy_name!r} strategy in strategies/ (have: {', '.join(STRATEGIES)})"}

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 
 from advsearch import __version__
 from advsearch.errors import AdvsearchError
+from advsearch.files import sha256_file
 from advsearch.model.checkpoint import OPTIONAL_BUFFERS, read_state_dict, validate_state_dict
 from advsearch.model.oracle import first_unique
-from advsearch.files import sha256_file
 from advsearch.model.spec import ModelSpec
 from advsearch.model.tokens import pad_prefixes
 from advsearch.model.train import RawTransformer, _torch_threads, make_dataset, save_checkpoint

@@ -20,13 +20,12 @@ import logging
 import socket
 from collections.abc import Iterator
 
-from strategies.exhaustive import ExhaustiveStrategy
-
-from advsearch.model.determinism import eval_threads
 from advsearch.errors import AdvsearchError
+from advsearch.model.determinism import eval_threads
 from advsearch.model.evaluator import Evaluator
 from advsearch.search.configs import ExhaustiveConfig
 from advsearch.search.runner import Step, local_step, local_steps
+from strategies.exhaustive import ExhaustiveStrategy
 
 SHARDS_PER_SLOT = 4  # more shards than workers, for load balance
 

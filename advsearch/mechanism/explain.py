@@ -69,9 +69,9 @@ from itertools import combinations
 import torch
 
 from advsearch.errors import AdvsearchError
+from advsearch.mechanism.paths import PathModel
 from advsearch.mechanism.tables import MechanismTables, compute_tables, reference_batch
 from advsearch.model.oracle import first_unique
-from advsearch.mechanism.paths import PathModel
 
 MAX_SET = 4  # the largest component set the search tries
 PAIR_POOL = 6  # larger sets are drawn from this many paths (or one layer's heads) with the largest effects

@@ -23,12 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from advsearch.model.determinism import eval_threads
 from advsearch.errors import AdvsearchError
 from advsearch.files import sha256_file
+from advsearch.model.determinism import eval_threads
 from advsearch.model.spec import ModelSpec
-from advsearch.model.weights_cache import (cache_enabled, cache_key, read_cache_arrays,
-                                          resolve_model_path, write_cache_arrays)  # fmt: skip
+from advsearch.model.weights_cache import (
+    cache_enabled,
+    cache_key,
+    read_cache_arrays,
+    resolve_model_path,  # fmt: skip
+    write_cache_arrays,
+)
 
 log = logging.getLogger(__name__)
 

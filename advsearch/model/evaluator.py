@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from advsearch.model.determinism import eval_threads
 from advsearch.errors import AdvsearchError
 from advsearch.model.checkpoint import Weights
+from advsearch.model.determinism import eval_threads
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from advsearch import __version__
-from advsearch.model.oracle import first_unique
 from advsearch.files import write_atomic
+from advsearch.model.oracle import first_unique
 from advsearch.model.spec import ModelSpec
 
 LN_EPS = 1e-5

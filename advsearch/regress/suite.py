@@ -55,14 +55,14 @@ import torch
 
 from advsearch import __version__
 from advsearch.errors import AdvsearchError
-from advsearch.model.evaluator import Evaluator
+from advsearch.files import read_json
 from advsearch.mechanism.explain import Explainer
+from advsearch.model.evaluator import Evaluator
 from advsearch.model.judge import best_wrong, logit_margin
 from advsearch.model.oracle import first_unique, first_unique_last
-from advsearch.files import read_json
-from advsearch.search.results import FailureRows, fmt, prepare_dir
 from advsearch.model.spec import ModelSpec
 from advsearch.model.tokens import one_letter_neighbours, pad_prefixes
+from advsearch.search.results import FailureRows, fmt, prepare_dir
 
 SUITE_FORMAT = 1
 SUITE_COLUMNS = (

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from advsearch.errors import AdvsearchError
 from advsearch.model.evaluator import Evaluator
-from advsearch.search.results import fmt
 from advsearch.regress.suite import Suite, SuiteEntry, judge_last, read_suite
+from advsearch.search.results import fmt
 
 STATUSES = ("fixed", "still_failing", "kept", "regressed")
 

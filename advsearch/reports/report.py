@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from advsearch.search.audit import audit_csv
 from advsearch.errors import AdvsearchError
-from advsearch.reports.figures import Page, add_failure_view, add_mechanism, esc, failure_views
 from advsearch.files import read_json
+from advsearch.reports.figures import Page, add_failure_view, add_mechanism, esc, failure_views
+from advsearch.search.audit import audit_csv
 from advsearch.search.results import FailureRows
 
 DEFAULT_TOP = 10

@@ -31,15 +31,14 @@ import torch
 from tqdm.auto import tqdm
 
 from advsearch import __version__
-from advsearch.model.determinism import EVAL_THREADS, eval_threads
 from advsearch.errors import AdvsearchError, Interrupted, RunExists
-from advsearch.search.audit import EXPLANATION_COLUMNS, audit_csv
+from advsearch.files import read_json, write_json
+from advsearch.model.checkpoint import LoadedModel
+from advsearch.model.determinism import EVAL_THREADS, eval_threads
 from advsearch.model.evaluator import Evaluator
 from advsearch.model.judge import YIELD_CONFIDENCE, Judged, judge
-from advsearch.model.checkpoint import LoadedModel
-from advsearch.files import read_json, write_json
+from advsearch.search.audit import EXPLANATION_COLUMNS, audit_csv
 from advsearch.search.results import FAILURE_COLUMNS, FailureLog, prepare_dir, write_table
-
 
 
 def versions() -> dict:
