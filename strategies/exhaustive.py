@@ -132,11 +132,14 @@ class ExhaustiveStrategy(Strategy):
         depth, start, stop = item
         return (stop - start) * sum(self.spec.n_letters**k for k in range(self.config.max_len - depth + 1))
 
-    def start_at(self, item: tuple[int, int, int]) -> ExhaustiveStrategy:
-        """Restrict this strategy to `item`'s subtree, with an empty census (a shard of a larger run)."""
+    def start_at(self, item: tuple[int, int, int], warm: bool = False) -> ExhaustiveStrategy:
+        """Restrict this strategy to `item`'s subtree, with an empty census (a shard of a larger run).
+
+        `warm`: the evaluator it will be run with already holds the parents of `item` (it is a copy of
+        the one that evaluated them), so the chunks on the path down to `item` are not evaluated again."""
         if not self.shared:
             raise AdvsearchError("exhaustive shards need prefix sharing")
-        self.todo, self.census, self.warm = [tuple(item)], {}, False
+        self.todo, self.census, self.warm = [tuple(item)], {}, warm
         return self
 
     def absorb(self, item: tuple[int, int, int], census: list[dict]) -> None:

@@ -88,8 +88,8 @@ def rows(path) -> list[dict]:
 
 
 def interrupt_judging(monkeypatch, at_call: int):
-    """Make the runner's judge raise KeyboardInterrupt on call `at_call`; returns an undo function."""
-    from advsearch.search import runner
+    """Make the search steps' judge raise KeyboardInterrupt on call `at_call`; returns an undo function."""
+    from advsearch.search import steps as runner
 
     real, calls = runner.judge, {"n": 0}
 

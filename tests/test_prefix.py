@@ -88,7 +88,7 @@ def test_the_census_files_are_those_of_the_plain_computation(challenge, tmp_path
     import csv
 
     from advsearch.model import prefix
-    from advsearch.search import results, runner
+    from advsearch.search import results, runner, steps
     from advsearch.search.configs import ExhaustiveConfig
     from strategies import exhaustive, make_strategy
 
@@ -113,14 +113,13 @@ def test_the_census_files_are_those_of_the_plain_computation(challenge, tmp_path
     def dict_write(self, rows):
         writer = csv.DictWriter(self.file, fieldnames=self.columns)
         for row in rows:
-            self.seen.add(row["sequence"])
             self.confident += row["confident"] is True
             writer.writerow({c: results.fmt(row.get(c, "")) for c in self.columns})
         self.file.flush()
         self.offset = self.file.tell()
 
     monkeypatch.setattr(prefix, "extend", plain_extend)
-    monkeypatch.setattr(runner, "judge", _reference_judge)
+    monkeypatch.setattr(steps, "judge", _reference_judge)
     monkeypatch.setattr(exhaustive, "prefixes", digits)
     monkeypatch.setattr(results.FailureLog, "write", dict_write)
     plain = census(tmp_path / "plain")

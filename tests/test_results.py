@@ -98,7 +98,9 @@ def test_failure_log_writes_the_bytes_of_csv_dictwriter_with_fmt(tmp_path):
          "note": None, "extra": float("nan")},
     ]  # fmt: skip
     log = FailureLog(tmp_path / "failures.csv", columns)
+    assert log.claim(rows[:1] + rows[:1]) == rows[:1] and log.claim(rows) == rows[1:]  # each prefix once
     log.write(rows[:1])
+    log.file.write("?b")  # a write cut short: the next one starts where the last finished one ended
     log.write(rows[1:])
     log.close()
     want = io.StringIO(newline="")

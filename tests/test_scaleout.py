@@ -147,7 +147,7 @@ def test_an_interrupted_run_resumes_byte_identically_on_either_backend(cut_on, r
                                                                        challenge_path, tmp_path, monkeypatch):  # fmt: skip
     from strategies.exhaustive import ExhaustiveStrategy
 
-    cut, backend = tmp_path / "cut", {"ray": ["--backend", "ray"], "local": []}
+    cut, backend = tmp_path / "cut", {"ray": ["--backend", "ray"], "local": ["--workers", "1"]}
     if cut_on == "ray":  # interrupted after 3 of its 10 shards
         real, calls = ExhaustiveStrategy.absorb, {"n": 0}
 

@@ -12,7 +12,7 @@ import click
 
 from advsearch import __version__
 from advsearch.cli.mechanism import explain_cmd, mechanism_cmd
-from advsearch.cli.options import device_option, handle_errors, model_option
+from advsearch.cli.options import device_option, handle_errors, model_option, workers_option
 from advsearch.cli.reports import audit_cmd, report_cmd
 from advsearch.cli.suites import compare, harden, regress, suite
 from advsearch.errors import AdvsearchError, Interrupted, RunExists
@@ -164,13 +164,14 @@ def build_config(strategy: str, run_level: dict, options: dict):
               help="exhaustive: 'ray' shards the prefix tree onto Ray tasks (same results; needs advsearch[ray]).")
 @click.option("--ray-address", default=None,
               help="--backend ray: the cluster to join (auto, HOST:PORT, ray://HOST:10001); default: a local Ray.")
+@workers_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 @handle_errors
 @flag_errors
 @eval_threads()  # from loading the checkpoint to the last row, the results do not depend on the thread count
 def run(ctx, strategy, model, budget, seed, out, device, batch_size, min_confidence, compare_random, explain,
-        minimize_rows, resume, overwrite, backend, ray_address, quiet, **options) -> None:  # fmt: skip
+        minimize_rows, resume, overwrite, backend, ray_address, workers, quiet, **options) -> None:  # fmt: skip
     """Search for failures with a strategy and write failures.csv and summary.json.
 
     The options whose help starts with strategy names (random/local/optuna: ...) are the fields of those
@@ -179,6 +180,7 @@ def run(ctx, strategy, model, budget, seed, out, device, batch_size, min_confide
     from advsearch.commands.setup import prepare_search
     from advsearch.model.checkpoint import load_model
     from advsearch.search.runner import run_search
+    from advsearch.search.workers import auto_workers
 
     if resume and out is None:
         raise click.UsageError("--resume needs --out (the folder of the run to continue)")
@@ -201,7 +203,7 @@ def run(ctx, strategy, model, budget, seed, out, device, batch_size, min_confide
     try:
         s = run_search(loaded, strat, out, evaluator, min_confidence=min_confidence, resume=resume,
                        overwrite=overwrite, annotators=search.annotators, progress=not quiet,
-                       backend=ray_backend)  # fmt: skip
+                       backend=ray_backend, workers=workers or auto_workers(evaluator.device))  # fmt: skip
     except RunExists as e:
         raise AdvsearchError(f"{e.out_dir} already holds a run; --resume continues it, --overwrite replaces it") from None
     except Interrupted as e:
@@ -301,16 +303,17 @@ def minimize(sequence, pos, model) -> None:
               help="Sequences of the end-to-end guided runs (with and without explanations).")
 @click.option("--startup-runs", type=click.IntRange(min=1), default=3, show_default=True,
               help="Fresh `advsearch eval` processes timed for startup_s (the median is reported).")
+@workers_option
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
 @handle_errors
-def bench(model, device, n, batch_size, census_len, guided_budget, startup_runs, as_json) -> None:
+def bench(model, device, n, batch_size, census_len, guided_budget, startup_runs, workers, as_json) -> None:
     """Throughput of the bridge vs the fused evaluator (same data, one run), of the census and of
     `run --strategy guided` end to end, and the start-up time of `advsearch eval`."""
     from advsearch.commands.bench import run_bench
     from advsearch.model.checkpoint import load_model
 
     r = run_bench(load_model(model), n=n, batch_size=batch_size, device=device, census_len=census_len,
-                  guided_budget=guided_budget, startup_runs=startup_runs)  # fmt: skip
+                  guided_budget=guided_budget, startup_runs=startup_runs, workers=workers)  # fmt: skip
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
@@ -319,11 +322,14 @@ def bench(model, device, n, batch_size, census_len, guided_budget, startup_runs,
     click.echo(f"bridge   {r['bridge_seq_per_s']:>10,} seq/s")
     click.echo(f"fused    {r['fused_seq_per_s']:>10,} seq/s   ({r['ratio']}x the bridge, "
                f"max |dlogit| {r['max_abs_logit_diff']:.1e})")  # fmt: skip
-    click.echo(f"census   {r['census_prefixes_per_s']:>10,} prefixes/s (every prefix up to {r['census_max_len']} tokens)")
+    w = f"{r['workers']} worker{'s' if r['workers'] > 1 else ''}"
+    click.echo(f"census   {r['census_prefixes_per_s']:>10,} prefixes/s ({r['census_ratio']}x fused; every prefix up to "
+               f"{r['census_max_len']} tokens, {w}; {r['census_one_worker_prefixes_per_s']:,} with one)")  # fmt: skip
     click.echo(f"guided   {r['guided_seq_per_s']:>10,} seq/s   ({r['guided_ratio']:.0%} of fused; run --no-explain "
                f"end to end, {r['guided_sequences']:,} sequences, set-up {r['guided_setup_s']} s)")  # fmt: skip
     click.echo(f"explained{r['guided_explained_seq_per_s']:>10,} seq/s   ({r['guided_explained_ratio']:.0%} of fused; "
-               f"run with explanations, set-up {r['guided_explained_setup_s']} s)")  # fmt: skip
+               f"run with explanations, {w}; {r['guided_explained_one_worker_seq_per_s']:,} with one; set-up "
+               f"{r['guided_explained_setup_s']} s)")  # fmt: skip
     cache = "warm" if r["startup_warm_cache"] else "no"
     click.echo(f"start-up {r['startup_s']:>10.2f} s       (advsearch eval, median of {r['startup_runs']}, {cache} "
                f"weights cache)")  # fmt: skip

@@ -25,6 +25,15 @@ device_option = click.option(
     help="Where the evaluator runs (auto = cuda when available).",
 )
 
+workers_option = click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes: the census is split into shards over them, and explanations and minimization "
+    "run on them while the search goes on; the results are the same for any count. Default: the usable "
+    "CPU cores (at most 8) on the CPU, 1 (this process) on a GPU or where processes cannot be forked.",
+)
+
 
 def fail(message: str, code: int = 2) -> None:
     """Print one line on stderr and exit."""

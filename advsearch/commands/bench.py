@@ -50,8 +50,9 @@ def startup_seconds(model: LoadedModel, runs: int = 3) -> float:
     return statistics.median(times)
 
 
-def guided_rate(model: LoadedModel, budget: int, device: str, explain: bool) -> tuple[float, float]:
-    """(sequences/s of the search loop, set-up seconds) for `run --strategy guided --budget B [--no-explain]`.
+def guided_rate(model: LoadedModel, budget: int, device: str, explain: bool, workers: int) -> tuple[float, float]:
+    """(sequences/s of the search loop, set-up seconds) for `run --strategy guided --budget B [--no-explain]`
+    with `workers` worker processes.
 
     Set up through `advsearch.commands.setup.prepare_search`, as the `run` command does (the set-up, mostly
     the mechanism tables, is timed apart), then `run_search` writes failures.csv and summary.json
@@ -67,15 +68,16 @@ def guided_rate(model: LoadedModel, budget: int, device: str, explain: bool) -> 
     with tempfile.TemporaryDirectory(prefix="advsearch-bench-") as tmp:
         start = time.perf_counter()
         s = run_search(model, search.strategy, Path(tmp) / "guided", search.evaluator, annotators=search.annotators,
-                       progress=False)  # fmt: skip
+                       progress=False, workers=workers)  # fmt: skip
         wall = time.perf_counter() - start
     return s["sequences"] / wall, setup
 
 
-def census_rate(model: LoadedModel, max_len: int, evaluator: Evaluator) -> float:
-    """Prefixes/s of `run --strategy exhaustive --max-len L --no-explain` (default chunks, prefix sharing):
-    `run_search` with `evaluator`, failures.csv, census.csv and summary.json written into a temporary
-    folder, so the rate includes judging and the CSV, computed with the run's fixed thread count."""
+def census_rate(model: LoadedModel, max_len: int, evaluator: Evaluator, workers: int) -> float:
+    """Prefixes/s of `run --strategy exhaustive --max-len L --no-explain` (default chunks, prefix sharing)
+    with `workers` worker processes: `run_search` with `evaluator`, failures.csv, census.csv and
+    summary.json written into a temporary folder, so the rate includes judging and the CSV, computed with
+    the run's fixed thread count."""
     from advsearch.search.configs import ExhaustiveConfig
     from advsearch.search.runner import run_search
     from strategies import make_strategy
@@ -83,24 +85,31 @@ def census_rate(model: LoadedModel, max_len: int, evaluator: Evaluator) -> float
     strategy = make_strategy("exhaustive", model.spec, ExhaustiveConfig(max_len=max_len))
     with tempfile.TemporaryDirectory(prefix="advsearch-bench-") as tmp:
         start = time.perf_counter()
-        s = run_search(model, strategy, Path(tmp) / "census", evaluator, progress=False)
+        s = run_search(model, strategy, Path(tmp) / "census", evaluator, progress=False, workers=workers)
         wall = time.perf_counter() - start
     return s["sequences"] / wall
 
 
 def run_bench(model: LoadedModel, n: int = 100_000, batch_size: int = 512, device: str = "auto",
-              census_len: int = 5, guided_budget: int = 20_000, startup_runs: int = 3) -> dict:  # fmt: skip
+              census_len: int = 5, guided_budget: int = 20_000, startup_runs: int = 3,
+              workers: int | None = None) -> dict:  # fmt: skip
     """Measure everything in one process on the same data, so ratios are meaningful.
 
-    The census and guided figures are end to end (`run` as users run it, CSV written), so
-    `census_ratio` (prefixes/s over the fused sequences/s), `guided_ratio` and
-    `guided_explained_ratio` say how much of the fused evaluator's speed reaches the user; the
-    start-up subprocesses run after `model` was loaded here, so they find the weights cache warm
-    (`startup_warm_cache` says whether they did).
+    The census and guided figures are end to end (`run` as users run it, with its default `workers`
+    unless given, CSV written), so `census_ratio` (prefixes/s over the fused sequences/s, which the
+    evaluator computes on one thread), `guided_ratio` and `guided_explained_ratio` say how much of the
+    fused evaluator's speed reaches the user; the census and the explained run are also timed with
+    one worker (`*_one_worker_*`), which is what one core gives. The start-up subprocesses run after
+    `model` was loaded here, so they find the weights cache warm (`startup_warm_cache` says whether
+    they did).
     """
-    r = _throughput(model, n, batch_size, device, census_len)
-    guided, guided_setup = guided_rate(model, guided_budget, device, explain=False)
-    explained, explained_setup = guided_rate(model, guided_budget, device, explain=True)
+    from advsearch.search.workers import auto_workers
+
+    workers = workers or auto_workers(Evaluator(model.weights, device=device).device)
+    r = _throughput(model, n, batch_size, device, census_len, workers)
+    guided, guided_setup = guided_rate(model, guided_budget, device, explain=False, workers=workers)
+    explained, explained_setup = guided_rate(model, guided_budget, device, explain=True, workers=workers)
+    explained_one = explained if workers == 1 else guided_rate(model, guided_budget, device, True, 1)[0]
     warm = cache_enabled() and read_cached_weights(cache_key(model.sha256, model.spec), model.spec) is not None
     return r | {
         "guided_sequences": guided_budget,
@@ -109,6 +118,7 @@ def run_bench(model: LoadedModel, n: int = 100_000, batch_size: int = 512, devic
         "guided_setup_s": round(guided_setup, 2),
         "guided_explained_seq_per_s": round(explained),
         "guided_explained_ratio": round(explained / r["fused_seq_per_s"], 3),
+        "guided_explained_one_worker_seq_per_s": round(explained_one),
         "guided_explained_setup_s": round(explained_setup, 2),
         "startup_s": round(startup_seconds(model, startup_runs), 2),
         "startup_runs": startup_runs,
@@ -118,7 +128,7 @@ def run_bench(model: LoadedModel, n: int = 100_000, batch_size: int = 512, devic
 
 
 @torch.inference_mode()
-def _throughput(model: LoadedModel, n: int, batch_size: int, device: str, census_len: int) -> dict:
+def _throughput(model: LoadedModel, n: int, batch_size: int, device: str, census_len: int, workers: int) -> dict:
     """Bridge vs fused evaluator on the same n sequences, and the prefix-sharing census."""
     tokens = model.spec.random_tokens(n, seed=0)
     evaluator = Evaluator(model.weights, device=device, batch_size=batch_size)
@@ -130,7 +140,8 @@ def _throughput(model: LoadedModel, n: int, batch_size: int, device: str, census
     bridge_rate = _rate(lambda: [bridge(c.to(evaluator.device)) for c in tokens.split(batch_size)], n)
     fused_rate = _rate(lambda: evaluator.logits(tokens), n)
 
-    census = census_rate(model, census_len, evaluator)
+    census = census_rate(model, census_len, evaluator, workers)
+    census_one = census if workers == 1 else census_rate(model, census_len, evaluator, 1)
     with contextlib.redirect_stdout(io.StringIO()):
         model.bridge.to("cpu")  # where `run` keeps it (the explainer feeds it CPU tensors)
     return {
@@ -146,4 +157,6 @@ def _throughput(model: LoadedModel, n: int, batch_size: int, device: str, census
         "census_max_len": census_len,
         "census_prefixes_per_s": round(census),
         "census_ratio": round(census / fused_rate, 2),
+        "census_one_worker_prefixes_per_s": round(census_one),
+        "workers": workers,
     }

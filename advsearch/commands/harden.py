@@ -135,12 +135,12 @@ def mine(model: RawTransformer, strategy: str, budget: int, seed: int, min_confi
     """Confidently failing prefixes that search `strategy` finds against the (in-training) model.
 
     Runs any strategy of `strategies/` on the processed current weights through the search loop's
-    own steps (`runner.local_steps`: propose, evaluate, judge, observe), without writing files, in
+    own steps (`steps.local_steps`: propose, evaluate, judge, observe), without writing files, in
     the order the steps find them (a prefix may repeat); strategies that need the mechanism tables
     (guided) get the current model's own."""
     from advsearch.commands.setup import make_search_strategy, strategy_options
     from advsearch.model.evaluator import Evaluator
-    from advsearch.search.runner import local_steps
+    from advsearch.search.steps import local_steps
 
     loaded = loaded_from_raw(model)
     strat, _ = make_search_strategy(loaded, strategy, strategy_options(strategy, budget=budget, seed=seed))

@@ -298,6 +298,9 @@ class Explainer:
     """
 
     columns = CSV_COLUMNS  # what `Explanation.columns()` fills in failures.csv
+    # a row's columns do not depend on the other rows explained with it (float64 path forward), so a
+    # run's worker processes may split a step's rows between them
+    rows_independent = True
 
     def __init__(self, model, tables: MechanismTables | None = None, device: str | torch.device = "cpu"):
         if model.spec.n_layers != 2:

@@ -66,8 +66,16 @@ class FailureLog:
         self.writer = csv.writer(self.file)  # the dialect of csv.DictWriter ("excel")
         self.offset = self.file.tell()
 
-    def is_new(self, sequence: str) -> bool:
-        return sequence not in self.seen
+    def claim(self, rows: list[dict]) -> list[dict]:
+        """The rows whose prefix the log has not had yet, each prefix once (its first row); from now on
+        it has them (rows still being annotated are not written yet, but their prefixes are taken)."""
+        out, seen = [], self.seen
+        for row in rows:
+            sequence = row["sequence"]
+            if sequence not in seen:
+                seen.add(sequence)
+                out.append(row)
+        return out
 
     def write(self, rows: list[dict]) -> None:
         """Append `rows` (missing columns empty), each cell as `fmt` writes it, and flush.
@@ -76,11 +84,13 @@ class FailureLog:
         `csv.DictWriter` writes for the same dicts, without its per-row key check; the cells of the
         common types (str, float, bool, int) are formatted inline, the rest by `fmt`.
         """
-        columns, seen = self.columns, self.seen
-        lines = []
+        columns = self.columns
+        if self.file.tell() != self.offset:  # a write was interrupted: what it left is not a row yet
+            self.file.seek(self.offset)
+            self.file.truncate()
+        lines, confident = [], 0
         for row in rows:
-            seen.add(row["sequence"])
-            self.confident += row["confident"] is True
+            confident += row["confident"] is True
             cells = []
             for c in columns:
                 v = row.get(c, "")
@@ -99,6 +109,7 @@ class FailureLog:
         self.writer.writerows(lines)
         self.file.flush()
         self.offset = self.file.tell()
+        self.confident += confident
 
     def close(self) -> None:
         self.file.close()

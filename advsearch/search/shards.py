@@ -1,0 +1,178 @@
+"""The exhaustive census in shards: whole subtrees of its chunk tree computed apart, merged in order.
+
+The exhaustive strategy walks a tree of chunks depth-first, and its todo stack
+lists what is left in visiting order: the subtree under `todo[-1]` comes before
+that of `todo[-2]`, and so on. So `sharded_steps` evaluates the top of the tree
+here until the stack holds enough items (`SHARDS_PER_SLOT` per worker slot), then
+hands every item to the workers as one shard that computes its whole subtree
+(`run_shard`), and consumes the results strictly in stack order. The
+concatenated failures are in exactly the single-process order; each shard warms
+its prefix cache with the chunks on the path down to it and computes with the
+same fixed thread count (`advsearch.model.determinism`), so its numbers are
+bit-identical too. Each consumed shard is one step of the runner's loop (rows
+written, census merged, state saved), so an interrupted run resumes with the
+shards it had not consumed, with any workers.
+
+Workers are the run's forked processes (`ProcessShards`) or Ray tasks
+(`advsearch.commands.scaleout`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import multiprocessing.connection
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from advsearch.errors import AdvsearchError
+from advsearch.model.determinism import eval_threads
+from advsearch.model.evaluator import Evaluator
+from advsearch.search.steps import Step, local_step, local_steps
+from advsearch.search.workers import start_worker
+
+SHARDS_PER_SLOT = 4  # more shards than workers, for load balance
+
+
+def shardable(strategy) -> bool:
+    """Whether `strategy` splits into shards: the prefix-sharing census."""
+    return hasattr(strategy, "start_at") and bool(strategy.params().get("shared_prefixes"))
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard: the subtree of todo `item` of a `strategy_class(spec, config)`."""
+
+    strategy_class: type
+    spec: object
+    config: object
+    item: tuple
+    min_confidence: float
+    run_id: str
+    device: str
+    warm: bool = False  # the evaluator it runs with holds the keys and values of the item's parents
+
+
+@eval_threads()
+def run_shard(job: ShardJob, weights=None, evaluator: Evaluator | None = None) -> tuple[Step, list[dict]]:
+    """Compute `job`'s shard with `evaluator`, or a new one on the model's `weights`: (its Step, its census rows)."""
+    strategy = job.strategy_class(job.spec, job.config).start_at(job.item, warm=job.warm)
+    evaluator = evaluator or Evaluator(weights, device=job.device)
+    steps = list(local_steps(strategy, evaluator, job.min_confidence, job.run_id))
+    rows = [row for s in steps for row in s.rows]
+    step = Step(rows, sum(s.sequences for s in steps), sum(s.positions for s in steps), sum(s.hits for s in steps))
+    return step, strategy.tables()["census.csv"]
+
+
+class Shards(Protocol):
+    """Where shards run, `slots` at a time: `submit` starts `run_shard(job, weights)`, `collect` waits for it;
+    `ready(strategy)` says whether to split the strategy's pending items into shards now."""
+
+    slots: int
+
+    def ready(self, strategy) -> bool: ...
+
+    def submit(self, job: ShardJob, weights) -> Any: ...
+
+    def collect(self, job: ShardJob, handle: Any) -> tuple[Step, list[dict]]: ...
+
+    def cancel(self, handle: Any) -> None: ...
+
+
+def sharded_steps(shards: Shards, model, strategy, evaluator: Evaluator, min_confidence: float,
+                  run_id: str, device: str) -> Iterator[Step]:  # fmt: skip
+    """The top of the chunk tree here, then one shard per remaining todo item, consumed in visiting order."""
+    while strategy.pending() and not shards.ready(strategy):
+        yield local_step(strategy, evaluator, min_confidence, run_id)
+    items = strategy.pending()
+    jobs = {item: ShardJob(type(strategy), model.spec, strategy.config, item, min_confidence, run_id, device)
+            for item in items}  # fmt: skip
+    # Largest subtrees first (ties in visiting order), so that no big shard starts last.
+    order = sorted(items, key=strategy.subtree_size, reverse=True)
+    handles = {item: shards.submit(jobs[item], model.weights) for item in order}
+    try:
+        for item in items:
+            step, census = shards.collect(jobs[item], handles.pop(item))
+            strategy.absorb(item, census)
+            yield step
+    finally:
+        for handle in handles.values():  # interrupted or failed: drop the shards not consumed yet
+            shards.cancel(handle)
+
+
+class ProcessShards:
+    """Shards on processes forked from this one, one per shard, `slots` at a time.
+
+    Each shard process is a copy of the driver as it stands after the top of the tree, so its
+    evaluator already holds the keys and values of every pending item's parents (they are the
+    chunks on the driver's path, which its prefix store keeps): a shard starts where the single
+    process would be, without re-evaluating the path down to it (`ShardJob.warm`). The driver
+    evaluates nothing while shards run, and forks them from its main thread, so every shard copies
+    the same state. Shards start in the order they were submitted; `collect` waits for one.
+    """
+
+    def __init__(self, slots: int, evaluator: Evaluator):
+        self.slots, self.evaluator = slots, evaluator
+        self.queue: list[ShardJob] = []  # submitted, not started
+        self.running: dict = {}  # connection -> (job, process)
+        self.done: dict[tuple, tuple[Step, list[dict]]] = {}
+
+    def ready(self, strategy) -> bool:
+        """Enough items to balance the slots, or the next one is a chunk of leaves (evaluating it here
+        would give its time to no shard, and a shard of it costs no more than here)."""
+        pending = strategy.pending()
+        leaf = strategy.subtree_size(pending[0]) == pending[0][2] - pending[0][1]
+        return len(pending) >= SHARDS_PER_SLOT * self.slots or (leaf and len(pending) > 1)
+
+    def submit(self, job: ShardJob, weights) -> tuple:
+        self.queue.append(dataclasses.replace(job, warm=True))
+        return job.item
+
+    def _start_more(self) -> None:
+        while self.queue and len(self.running) < self.slots:
+            job = self.queue.pop(0)
+            receive, send = multiprocessing.Pipe(duplex=False)
+            process = multiprocessing.get_context("fork").Process(target=_forked_shard, args=(job, self.evaluator, send),
+                                                                  daemon=True)  # fmt: skip
+            process.start()
+            send.close()
+            self.running[receive] = (job, process)
+
+    def collect(self, job: ShardJob, handle: tuple) -> tuple[Step, list[dict]]:
+        while handle not in self.done:
+            self._start_more()
+            for conn in multiprocessing.connection.wait(list(self.running)):
+                finished, process = self.running.pop(conn)
+                try:
+                    ok, value = conn.recv()
+                except EOFError:  # the process died without an answer
+                    process.join()
+                    ok, value = False, f"its process exited with code {process.exitcode}"
+                conn.close()
+                process.join()
+                if not ok:
+                    raise AdvsearchError(f"census shard {finished.item} failed ({value}); resuming the run "
+                                         "continues from there")  # fmt: skip
+                self.done[finished.item] = value
+        return self.done.pop(handle)
+
+    def cancel(self, handle: tuple) -> None:
+        self.queue = [job for job in self.queue if job.item != handle]
+        for conn, (job, process) in list(self.running.items()):
+            if job.item == handle:
+                process.kill()
+                process.join()
+                conn.close()
+                del self.running[conn]
+
+
+def _forked_shard(job: ShardJob, evaluator: Evaluator, send) -> None:
+    """In a forked shard process: compute `job` with the driver's evaluator and send (ok, result or error)."""
+    start_worker()
+    try:
+        send.send((True, run_shard(job, evaluator=evaluator)))
+    except BaseException as e:  # noqa: BLE001 (the driver reports it)
+        send.send((False, f"{type(e).__name__}: {e}"))
+    finally:
+        send.close()

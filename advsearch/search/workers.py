@@ -1,0 +1,95 @@
+"""Worker processes: forked copies of the run that take work off its search loop.
+
+A run's results never depend on how many workers it has. What goes to them is
+computed there exactly as it would be here: with the same `EVAL_THREADS` intra-op
+threads, on the same inputs (a step's rows, a census shard), and merged back in
+the order the single-process run produces it.
+
+Workers are forked (where the platform has `fork`): they start in milliseconds
+with the model, the tables and the annotators already in memory, which a fresh
+interpreter would spend seconds rebuilding. Elsewhere, and on a GPU (CUDA does
+not survive a fork), everything stays in this process. Workers ignore SIGINT, so
+an interrupted run can still collect what they were computing.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from advsearch.errors import AdvsearchError
+
+MAX_AUTO_WORKERS = 8
+
+_shared: object = None  # what the run handed its workers (set in each worker when it starts)
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def can_fork() -> bool:
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def auto_workers(device: str) -> int:
+    """The default worker count: the usable CPU cores (at most `MAX_AUTO_WORKERS`) for a run on the CPU
+    where processes can be forked, else 1 (everything in this process)."""
+    if str(device).startswith("cuda") or not can_fork():
+        return 1
+    return max(1, min(usable_cpus(), MAX_AUTO_WORKERS))
+
+
+def start_worker() -> None:
+    """Set a freshly forked worker up: it ignores SIGINT (the run decides what to keep) and computes with
+    the run's `EVAL_THREADS` torch threads."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+
+    from advsearch.model.determinism import EVAL_THREADS
+
+    torch.set_num_threads(EVAL_THREADS)
+
+
+def _start(shared: object) -> None:
+    global _shared
+    start_worker()
+    _shared = shared
+
+
+def shared() -> object:
+    """In a worker, what `WorkerPool(shared=...)` handed it."""
+    return _shared
+
+
+class WorkerPool:
+    """`workers` forked processes that run module-level functions; `shared` is inherited, not sent."""
+
+    def __init__(self, workers: int, shared: object = None):
+        if not can_fork():
+            raise AdvsearchError("worker processes need a platform with fork; run with one worker")
+        self.workers = workers
+        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                         initializer=_start, initargs=(shared,))  # fmt: skip
+
+    def submit(self, fn, *args) -> Future:
+        return self._pool.submit(fn, *args)
+
+    @staticmethod
+    def result(future: Future, what: str):
+        """The future's value; a worker that died is a one-line error (its exceptions pass through)."""
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise AdvsearchError(f"a worker process died while computing {what} (out of memory?); "
+                                 "resuming the run continues from the last finished step") from None  # fmt: skip
+
+    def close(self) -> None:
+        """Stop the workers; what they had not started is dropped."""
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,104 @@
+"""Worker processes change how fast a run goes, never what it writes.
+
+Each run is computed with one worker (everything in this process) and with several: census shards on
+forked processes, explanations and minimization on forked workers while the search goes on. Every
+file must be byte-identical, interrupted runs must keep what they found and resume to the same bytes,
+and a worker that dies is a one-line error.
+"""
+
+import json
+import os
+
+import pytest
+
+from advsearch.search import shards
+from advsearch.search.workers import can_fork
+
+from .conftest import interrupt_judging, invoke, rows
+from .test_cli import one_line_error
+
+pytestmark = pytest.mark.skipif(not can_fork(), reason="worker processes need fork")
+
+# 111,110 prefixes in chunks of 1000: the top of the tree here, then shards of depths 4 and 5.
+CENSUS = ["run", "--strategy", "exhaustive", "--max-len", 5, "--batch-size", 1000, "--no-explain", "--quiet"]
+# Explanations and minimization of 6 steps of 60 sequences, several of them in flight at once.
+GUIDED = ["run", "--strategy", "guided", "--budget", 360, "--batch-size", 60, "--minimize", "--quiet"]
+
+
+def run(args, model, out, workers, *extra):
+    result = invoke(*args, "--model", model, "--out", out, "--workers", workers, *extra)
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "summary.json").read_text())
+
+
+def same_files(a, b):
+    names = sorted(p.name for p in a.glob("*.csv"))
+    assert "failures.csv" in names and names == sorted(p.name for p in b.glob("*.csv"))
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.fixture(scope="module")
+def one_worker(challenge_path, tmp_path_factory):
+    base = tmp_path_factory.mktemp("one-worker")
+    for name, args in (("census", CENSUS), ("guided", GUIDED)):
+        run(args, challenge_path, base / name, 1)
+    assert len(rows(base / "census" / "failures.csv")) > 50
+    guided = rows(base / "guided" / "failures.csv")
+    assert len(guided) > 500 and all(r["category"] and r["minimized"] is not None for r in guided)
+    return base
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_census_shards_on_forked_processes_give_the_one_process_bytes(workers, one_worker, challenge_path, tmp_path,
+                                                                      monkeypatch):  # fmt: skip
+    started = []
+    real = shards.ProcessShards._start_more
+
+    def counting(self):
+        before = len(self.running)
+        real(self)
+        started.append(len(self.running) - before)
+
+    monkeypatch.setattr(shards.ProcessShards, "_start_more", counting)
+    summary = run(CENSUS, challenge_path, tmp_path / "census", workers)
+    same_files(tmp_path / "census", one_worker / "census")
+    assert sum(started) >= 2 * workers  # the census really went to several processes
+    assert summary["sequences"] == 111_110
+
+
+def test_explanations_and_minimization_on_workers_give_the_one_process_bytes(one_worker, challenge_path, tmp_path,
+                                                                            monkeypatch):  # fmt: skip
+    from advsearch.search import annotations
+
+    monkeypatch.setattr(annotations, "MIN_PART", 16)  # each step's explanations split between the workers
+    run(GUIDED, challenge_path, tmp_path / "guided", 2)
+    same_files(tmp_path / "guided", one_worker / "guided")
+
+
+def test_an_interrupted_run_with_workers_keeps_its_steps_and_resumes_to_the_same_bytes(one_worker, challenge_path,
+                                                                                        tmp_path, monkeypatch):  # fmt: skip
+    out = tmp_path / "guided"
+    interrupt_judging(monkeypatch, at_call=4)  # in the search loop, while earlier steps are being annotated
+    assert "--resume" in one_line_error(invoke(*GUIDED, "--model", challenge_path, "--out", out, "--workers", 2), 130)
+    state = json.loads((out / "state.json").read_text())
+    assert state["counters"]["sequences"] == 180  # the 3 steps found before the interrupt were written
+    assert len(rows(out / "failures.csv")) == state["counters"]["failures"] > 0
+    monkeypatch.undo()
+    resumed = invoke(*GUIDED, "--model", challenge_path, "--out", out, "--resume", "--workers", 2)
+    assert resumed.exit_code == 0, resumed.output
+    same_files(out, one_worker / "guided")
+
+
+def test_a_shard_process_that_dies_is_a_one_line_error(challenge_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "run_shard", lambda *a, **k: os._exit(3))  # in the forked shard process
+    line = one_line_error(invoke(*CENSUS, "--model", challenge_path, "--out", tmp_path / "c", "--workers", 2))
+    assert "census shard" in line and "exited with code 3" in line and "resuming" in line
+    assert json.loads((tmp_path / "c" / "state.json").read_text())["finished"] is False
+
+
+def test_the_default_is_one_worker_per_usable_core_and_one_on_a_gpu():
+    from advsearch.search.workers import MAX_AUTO_WORKERS, auto_workers, usable_cpus
+
+    assert auto_workers("cpu") == min(usable_cpus(), MAX_AUTO_WORKERS)
+    assert auto_workers("cuda:0") == 1
