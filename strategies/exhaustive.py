@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from advsearch.errors import AdvsearchError
+from advsearch.model.prefix import blocks
 from advsearch.search.configs import ConfigError, ExhaustiveConfig
 
 from .base import Proposal, Strategy
@@ -141,6 +142,24 @@ class ExhaustiveStrategy(Strategy):
             raise AdvsearchError("exhaustive shards need prefix sharing")
         self.todo, self.census, self.warm = [tuple(item)], {}, warm
         return self
+
+    def split_leaves(self, parts: int) -> None:
+        """Cut every todo chunk of leaves (prefixes of `max_len` tokens) into up to `parts` consecutive
+        items of whole parent blocks, so that shards can share it.
+
+        `advsearch.model.prefix.extend` computes a chunk block by block, each block with the same
+        operations on the same inputs whatever else the chunk holds, and a run of whole blocks from the
+        start, or to the end, of a chunk is cut into the same blocks on its own: each part gives the
+        numbers the whole chunk gives, and the parts come in the chunk's order.
+        """
+        t, todo = self.spec.n_letters, []
+        for depth, start, stop in self.todo:
+            spans = blocks((stop - start) // t) if self.shared and depth == self.config.max_len else []
+            step = -(-len(spans) // parts) if spans else 1
+            cuts = [start + lo * t for lo, _ in spans[::step]][1:]
+            bounds = [start, *cuts, stop]
+            todo.extend(reversed([(depth, lo, hi) for lo, hi in zip(bounds, bounds[1:])]))
+        self.todo = todo
 
     def absorb(self, item: tuple[int, int, int], census: list[dict]) -> None:
         """Count the next todo item's subtree as done, from the census rows of the shard that computed it."""

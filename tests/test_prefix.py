@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -63,6 +64,29 @@ def test_blocked_extension_is_bit_identical_to_the_whole_chunk(challenge):
                 assert torch.equal(got.keys, want_kv.keys) and torch.equal(got.values, want_kv.values)
             logits, none = extend(fw, kv, 10, keep=False)
             assert none is None and torch.equal(logits, want_logits)
+
+
+@pytest.mark.parametrize("parts", [2, 3, 5])
+def test_parts_of_a_chunk_of_leaves_give_the_whole_chunks_logits(challenge, parts):
+    """`ExhaustiveStrategy.split_leaves` cuts a chunk of leaves at parent blocks: evaluated from the same
+    cached parents, the parts give the whole chunk's logits bit for bit, in order."""
+    from advsearch.search.configs import ExhaustiveConfig
+    from strategies import make_strategy
+
+    strategy = make_strategy("exhaustive", challenge.spec, ExhaustiveConfig(max_len=5, batch_size=65_536))
+    strategy.todo = [(5, 65_530, 100_000), (5, 0, 65_530)]  # the two chunks of leaves `run` makes
+    strategy.split_leaves(parts)
+    items = strategy.pending()
+    assert items[0][1] == 0 and items[-1][2] == 100_000 and all(a[2] == b[1] for a, b in zip(items, items[1:]))
+    assert 2 < len(items) <= 2 * parts and all((hi - lo) // 10 >= 512 for _, lo, hi in items)
+    fw = Evaluator(challenge.weights, "cpu").fused
+    with eval_threads(), torch.inference_mode():
+        kv = encode(fw, prefixes(4, 0, 10_000, 10, 10))
+        for chunk in ((0, 65_530), (65_530, 100_000)):
+            whole, _ = extend(fw, KV(kv.keys[:, chunk[0] // 10 : chunk[1] // 10], kv.values[:, chunk[0] // 10 : chunk[1] // 10]), 10, keep=False)
+            cut = [extend(fw, KV(kv.keys[:, lo // 10 : hi // 10], kv.values[:, lo // 10 : hi // 10]), 10, keep=False)[0]
+                   for _, lo, hi in items if chunk[0] <= lo < chunk[1]]  # fmt: skip
+            assert torch.equal(torch.cat(cut), whole)
 
 
 def test_prefixes_of_whole_parents_equal_the_digit_arithmetic():

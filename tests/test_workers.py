@@ -19,8 +19,9 @@ from .test_cli import one_line_error
 
 pytestmark = pytest.mark.skipif(not can_fork(), reason="worker processes need fork")
 
-# 111,110 prefixes in chunks of 1000: the top of the tree here, then shards of depths 4 and 5.
-CENSUS = ["run", "--strategy", "exhaustive", "--max-len", 5, "--batch-size", 1000, "--no-explain", "--quiet"]
+# 111,110 prefixes in chunks of 20,000 (3 blocks of parents): depths 1-4 here, then the 5 chunks of leaves
+# cut into parts, one per worker.
+CENSUS = ["run", "--strategy", "exhaustive", "--max-len", 5, "--batch-size", 20_000, "--no-explain", "--quiet"]
 # Explanations and minimization of 6 steps of 60 sequences, several of them in flight at once.
 GUIDED = ["run", "--strategy", "guided", "--budget", 360, "--batch-size", 60, "--minimize", "--quiet"]
 

@@ -42,6 +42,7 @@ class RayBackend:
     """Connects to Ray (or starts a local one) and computes exhaustive runs' steps as Ray tasks."""
 
     name = "ray"
+    split_leaves = False  # each shard re-evaluates the chunks on its path: parts of a chunk would repeat that
 
     def __init__(self, address: str | None = None, device: str = "auto"):
         ray = import_ray()

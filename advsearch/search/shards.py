@@ -67,9 +67,11 @@ def run_shard(job: ShardJob, weights=None, evaluator: Evaluator | None = None) -
 
 class Shards(Protocol):
     """Where shards run, `slots` at a time: `submit` starts `run_shard(job, weights)`, `collect` waits for it;
-    `ready(strategy)` says whether to split the strategy's pending items into shards now."""
+    `ready(strategy)` says whether to split the strategy's pending items into shards now, and
+    `split_leaves` whether to cut chunks of leaves into one part per slot first."""
 
     slots: int
+    split_leaves: bool
 
     def ready(self, strategy) -> bool: ...
 
@@ -85,6 +87,8 @@ def sharded_steps(shards: Shards, model, strategy, evaluator: Evaluator, min_con
     """The top of the chunk tree here, then one shard per remaining todo item, consumed in visiting order."""
     while strategy.pending() and not shards.ready(strategy):
         yield local_step(strategy, evaluator, min_confidence, run_id)
+    if shards.split_leaves:
+        strategy.split_leaves(shards.slots)
     items = strategy.pending()
     jobs = {item: ShardJob(type(strategy), model.spec, strategy.config, item, min_confidence, run_id, device)
             for item in items}  # fmt: skip
@@ -111,6 +115,8 @@ class ProcessShards:
     evaluates nothing while shards run, and forks them from its main thread, so every shard copies
     the same state. Shards start in the order they were submitted; `collect` waits for one.
     """
+
+    split_leaves = True  # a part of a chunk of leaves starts as warm as the whole chunk would
 
     def __init__(self, slots: int, evaluator: Evaluator):
         self.slots, self.evaluator = slots, evaluator
