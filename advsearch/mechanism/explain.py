@@ -278,6 +278,7 @@ class _Structures:
     load: torch.Tensor  # [N, letters]: the load letters (duplicated letters of r(t*)'s set)
     category: list[str]
     matter: list[list[int]]  # the duplicates whose detectors the explanation shows (at most 3)
+    matter_letters: torch.Tensor  # [N, 3]: those first, then other letters
 
 
 @dataclass
@@ -329,6 +330,7 @@ class Explainer:
         self._detector_sets = self.tables.detectors
         self._stories: dict[tuple, str] = {}
         self._token_ids = {c: i for i, c in enumerate(self.spec.vocab)}
+        self._token_bytes = str.maketrans({c: chr(i) for c, i in self._token_ids.items()})
 
     def explain(self, tokens: torch.Tensor, pos: int) -> Explanation:
         return self.explain_many([(tokens, pos)])[0]
@@ -362,7 +364,7 @@ class Explainer:
             if isinstance(toks, str):
                 if not ids.keys() >= set(toks):
                     raise AdvsearchError(f"{toks!r} has characters outside the vocabulary {self.spec.vocab!r}")
-                toks = [ids[c] for c in toks]
+                toks = toks.translate(self._token_bytes).encode("latin-1")  # one byte per token id
             else:
                 toks = torch.as_tensor(toks).flatten().tolist()
             if not 0 <= pos < len(toks):
@@ -470,8 +472,7 @@ class Explainer:
         all_controls[rows] = control_set
         control = torch.where(all_controls[:, 0] >= 0, (~ctrl_fix).long(), 2).tolist()  # CONTROL_RESULTS
         st = self._structures(toks, seq, pos, truth, pred)
-        matter = torch.tensor([m + [0] * (3 - len(m)) for m in st.matter])  # [N, 3]
-        att = self._duplicate_attention(clean).gather(2, matter[:, None].expand(-1, self.spec.n_heads, -1))
+        att = self._duplicate_attention(clean, st.matter_letters)
         return _Measured(
             seq=seq.tolist(), pos=pos.tolist(), toks=toks.tolist(), truth=truth.tolist(), pred=pred.tolist(),
             logit_true=logits[ar, truth].tolist(), logit_pred=logits[ar, pred].tolist(), at_true=at_t, at_pred=at_p,
@@ -481,18 +482,21 @@ class Explainer:
             control_effect=ctrl_eff.tolist(),
         )  # fmt: skip
 
-    def _duplicate_attention(self, clean) -> torch.Tensor:
-        """[N, H, letters]: each layer-0 head's attention from the latest copy of each letter (up to k) to
-        its earlier copies (0 for a letter with no earlier copy)."""
-        toks, pattern0 = clean.tokens.cpu(), clean.pattern0.cpu()
-        B, L = toks.shape
-        seq, pos = clean.seq.cpu(), clean.pos.cpu()
-        is_x = toks[:, :, None] == torch.arange(self.q)  # [B, L, letters]
-        where = torch.where(is_x, torch.arange(L)[:, None], -1).cummax(1).values  # latest copy up to each position
-        last = where[seq, pos]  # [N, letters]
+    def _prefixes(self, toks: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """[N, L]: each item's sequence, '?' beyond its position k."""
+        return toks[seq].masked_fill(torch.arange(toks.shape[1]) > pos[:, None], self.q)
+
+    def _duplicate_attention(self, clean, letters: torch.Tensor) -> torch.Tensor:
+        """[N, H, K]: each layer-0 head's attention from the latest copy of each letter `letters` [N, K] (up
+        to k) to its earlier copies (0 for a letter with no earlier copy)."""
+        pattern0, seq, pos = clean.pattern0.cpu(), clean.seq.cpu(), clean.pos.cpu()
+        prefix = self._prefixes(clean.tokens.cpu(), seq, pos)
+        L = prefix.shape[1]
+        is_x = prefix[:, None] == letters[..., None]  # [N, K, L]
+        last = torch.where(is_x, torch.arange(L), -1).amax(-1)  # [N, K]: the latest copy
         rows = pattern0[seq[:, None, None], torch.arange(pattern0.shape[1])[:, None], last.clamp(min=0)[:, None]]
-        earlier = is_x[seq].transpose(1, 2) & (torch.arange(L) < last[..., None])  # [N, letters, L]
-        return (rows * earlier[:, None]).sum(-1)  # [N, H, letters]
+        earlier = is_x & (torch.arange(L) < last[..., None])  # [N, K, L]
+        return (rows * earlier[:, None]).sum(-1)  # [N, H, K]
 
     def _ablate(self, clean, truth, pred, gap, rows, keep, keep_out) -> tuple[torch.Tensor, torch.Tensor]:
         """Per variant of the items `rows`: the change of logit(t*) − logit(p) and whether the model then answers t*."""
@@ -572,16 +576,15 @@ class Explainer:
         """The items' structure and category (the first matching rule of the module docstring's list)."""
         q, N = self.q, len(seq)
         ar, L = torch.arange(N), toks.shape[1]
-        prefix = toks[seq].masked_fill(torch.arange(L) > pos[:, None], q)  # [N, L]: '?' beyond k
-        is_x = prefix[..., None] == torch.arange(q)  # [N, L, letters]
-        counts = is_x.sum(1)
-        first = torch.where(is_x, torch.arange(L)[:, None], L).amin(1)
+        prefix = self._prefixes(toks, seq, pos)
+        counts = torch.zeros(N, q + 1, dtype=torch.long).scatter_add_(1, prefix, torch.ones_like(prefix))
+        counts[:, q] = 0  # [N, tokens]: copies of each letter, none of '?'
+        c_pred, c_true, counts = counts[ar, pred], counts[ar, truth], counts[:, :q]
+        first = torch.full((N, q + 1), L).scatter_reduce_(1, prefix, torch.arange(L).expand(N, L), "amin")[:, :q]
         dup = counts >= 2
         R = self._responsible_t  # [letters + 1]: -1 for '?'
         rt, rp = R[truth], R[pred]
         load = dup & (self._responsible_t[:q] == rt[:, None])
-        c_pred = torch.cat([counts, torch.zeros(N, 1, dtype=counts.dtype)], 1)[ar, pred]
-        c_true = torch.cat([counts, torch.zeros(N, 1, dtype=counts.dtype)], 1)[ar, truth]
         at_k, has_load = prefix[ar, pos], load.any(1)
         rules = [  # in the order of CATEGORIES
             (truth == q) & (c_pred >= 2),
@@ -600,6 +603,7 @@ class Explainer:
         order = torch.where(pred_dup, -1, first).masked_fill(~matter, L).argsort(1)[:, :3]  # the prediction first
         shown = matter[ar[:, None], order]
         return _Structures(
+            matter_letters=order,
             counts=counts, first=first, rt=_or_none(rt.tolist()), rp=_or_none(rp.tolist()), load=load,
             category=[CATEGORIES[c] for c in category.tolist()],
             matter=[[x for x, y in zip(xs, ys) if y] for xs, ys in zip(order.tolist(), shown.tolist())],
