@@ -175,8 +175,8 @@ def _or_none(heads: list[int]) -> list[int | None]:
 
 
 def _sets(padded: torch.Tensor) -> list[tuple[int, ...]]:
-    """The rows of a -1 padded [N, K] tensor of component indices, as tuples."""
-    return [tuple(c for c in row if c >= 0) for row in padded.tolist()]
+    """The rows of a [N, K] tensor of component indices, -1 padded on the right, as tuples."""
+    return [tuple(row[:n]) for row, n in zip(padded.tolist(), (padded >= 0).sum(1).tolist())]
 
 
 @dataclass
