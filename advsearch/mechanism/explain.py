@@ -278,7 +278,7 @@ class _Structures:
     load: torch.Tensor  # [N, letters]: the load letters (duplicated letters of r(t*)'s set)
     category: list[str]
     matter: list[list[int]]  # the duplicates whose detectors the explanation shows (at most 3)
-    matter_letters: torch.Tensor  # [N, 3]: those first, then other letters
+    matter_letters: torch.Tensor  # [N, 3]: `matter`, then other letters (what `_duplicate_attention` reads)
 
 
 @dataclass
@@ -584,7 +584,7 @@ class Explainer:
         dup = counts >= 2
         R = self._responsible_t  # [letters + 1]: -1 for '?'
         rt, rp = R[truth], R[pred]
-        load = dup & (self._responsible_t[:q] == rt[:, None])
+        load = dup & (R[:q] == rt[:, None])
         at_k, has_load = prefix[ar, pos], load.any(1)
         rules = [  # in the order of CATEGORIES
             (truth == q) & (c_pred >= 2),
@@ -599,14 +599,14 @@ class Explainer:
         ]
         category = torch.stack(rules, 1).int().argmax(1).masked_fill(pred == truth, len(rules))  # the first match
         pred_dup = (pred[:, None] == torch.arange(q)) & dup
-        matter = pred_dup | load | (dup & (self._responsible_t[:q] == rp[:, None]) & (truth == q)[:, None])
+        matter = pred_dup | load | (dup & (R[:q] == rp[:, None]) & (truth == q)[:, None])
         order = torch.where(pred_dup, -1, first).masked_fill(~matter, L).argsort(1)[:, :3]  # the prediction first
         shown = matter[ar[:, None], order]
         return _Structures(
-            matter_letters=order,
             counts=counts, first=first, rt=_or_none(rt.tolist()), rp=_or_none(rp.tolist()), load=load,
             category=[CATEGORIES[c] for c in category.tolist()],
             matter=[[x for x, y in zip(xs, ys) if y] for xs, ys in zip(order.tolist(), shown.tolist())],
+            matter_letters=order,
         )  # fmt: skip
 
     # ---- one item ---------------------------------------------------------------------------
@@ -614,12 +614,14 @@ class Explainer:
         """Each item's failures.csv columns, as `Explanation.columns()` gives them."""
         st, names = m.structure, self.comp.names
         loads = st.load.sum(1).tolist()
-        return [csv_columns(st.category[n], st.rt[n], st.rp[n], loads[n], self._detectors(st.matter[n], m.detector_att[n]),
+        return [csv_columns(st.category[n], st.rt[n], st.rp[n], loads[n],
+                            self._detectors(st.matter[n], m.detector_att[n]),
                             names[m.deciding[n]] if st.category[n] != "correct" else "",
                             [names[c] for c in m.named[n]], m.check[n], m.control[n], m.effect[n],
                             m.control_effect[n]) for n in range(len(m.seq))]  # fmt: skip
 
     def _explanations(self, m: _Measured) -> list[Explanation]:
+        """Each item's `Explanation`."""
         return [self._explanation(m, n) for n in range(len(m.seq))]
 
     def _explanation(self, m: _Measured, n: int) -> Explanation:
@@ -628,7 +630,8 @@ class Explainer:
         st = m.structure
         counts, first = st.counts[n].tolist(), st.first[n].tolist()
         order = sorted((x for x in range(q) if counts[x]), key=first.__getitem__)
-        load_letters = [x for x in order if st.load[n, x]]
+        load = st.load[n].tolist()
+        load_letters = [x for x in order if load[x]]
         cat, reason = self._categorise(p, t, pr, st.category[n], counts, st.rt[n], st.rp[n], load_letters)
         P = self.comp.n_paths
         at_t, at_p = m.at_true[n].tolist(), m.at_pred[n].tolist()
