@@ -142,6 +142,9 @@ class Components:
             keep_out[P + H + h, h] = False
         self.single_keep, self.single_keep_out = keep, keep_out  # one mask per component
         self.path_mask = torch.arange(len(self.names)) < P
+        self.sibling_mask = torch.zeros(len(self.names), len(self.names), dtype=torch.bool)  # [c, siblings of c]
+        for c in range(len(self.names)):
+            self.sibling_mask[c, self.siblings(c)] = True
 
     def is_path(self, c: int) -> bool:
         return c < self.n_paths
@@ -165,6 +168,15 @@ class Components:
         drop = member @ (~self.single_keep).flatten(1).float()
         drop_out = member @ (~self.single_keep_out).float()
         return (drop == 0).view(len(member), *self.single_keep.shape[1:]), drop_out == 0
+
+
+def _or_none(heads: list[int]) -> list[int | None]:
+    return [None if h < 0 else h for h in heads]
+
+
+def _sets(padded: torch.Tensor) -> list[tuple[int, ...]]:
+    """The rows of a [N, K] tensor of component indices, -1 padded on the right, as tuples."""
+    return [tuple(row[:n]) for row, n in zip(padded.tolist(), (padded >= 0).sum(1).tolist())]
 
 
 @dataclass
@@ -256,6 +268,20 @@ class Explanation:
 
 
 @dataclass
+class _Structures:
+    """What the items' prefixes say, in the tables' terms (see the module docstring): [N, ...] per item."""
+
+    counts: torch.Tensor  # [N, letters]: copies of each letter in the prefix
+    first: torch.Tensor  # [N, letters]: the position of its first copy (the prefix's length if absent)
+    rt: list[int | None]  # r(t*), None for '?'
+    rp: list[int | None]  # r(p)
+    load: torch.Tensor  # [N, letters]: the load letters (duplicated letters of r(t*)'s set)
+    category: list[str]
+    matter: list[list[int]]  # the duplicates whose detectors the explanation shows (at most 3)
+    matter_letters: torch.Tensor  # [N, 3]: `matter`, then other letters (what `_duplicate_attention` reads)
+
+
+@dataclass
 class _Measured:
     """One batch's measurements, per item (lists indexed by item; `toks` by sequence)."""
 
@@ -269,26 +295,14 @@ class _Measured:
     at_true: torch.Tensor  # [N, C]: each component's attribution to logit(t*)
     at_pred: torch.Tensor  # [N, C]: ... and to logit(p)
     deciding: list[int]  # the deciding path's component index
-    dup_att: list  # [N][H][letters], `Explainer._duplicate_attention`
+    detector_att: list[list[list[float]]]  # [N][matter letter][H]: `Explainer._duplicate_attention` of `matter`
+    structure: _Structures
     named: list[tuple[int, ...]]
     check: list[str]
     effect: list[float]
     control_set: list[tuple[int, ...]]
     control: list[str]
     control_effect: list[float]
-
-
-@dataclass
-class _Structure:
-    """What an item's prefix says, in the tables' terms (see the module docstring)."""
-
-    counts: list[int]  # copies of each token after '?'
-    order: list[int]  # the letters in order of first appearance
-    dup: list[int]  # the duplicated letters, in that order
-    rt: int | None  # r(t*), None for '?'
-    rp: int | None  # r(p)
-    load_letters: list[int]
-    matter: list[int]  # the duplicates whose detectors the explanation shows (at most 3)
 
 
 class Explainer:
@@ -314,10 +328,12 @@ class Explainer:
         self.q = self.spec.qmark
         # the tables' derived views, read for every explanation
         self._responsible = list(self.tables.responsible_head)
+        self._responsible_t = torch.tensor(self._responsible + [-1])  # [letters + 1]: -1 for '?'
         self._sets = self.tables.responsibility_sets
         self._detector_sets = self.tables.detectors
         self._stories: dict[tuple, str] = {}
         self._token_ids = {c: i for i, c in enumerate(self.spec.vocab)}
+        self._token_bytes = str.maketrans({c: chr(i) for c, i in self._token_ids.items()})
 
     def explain(self, tokens: torch.Tensor, pos: int) -> Explanation:
         return self.explain_many([(tokens, pos)])[0]
@@ -328,7 +344,7 @@ class Explainer:
         The model is causal, so a prefix is read from the longest given prefix that extends it: each
         sequence is run once, at all its requested positions. Sequences are batched by length, up to
         `batch_size` positions a batch."""
-        return self._per_item(items, batch_size, self._explanation)
+        return self._per_item(items, batch_size, self._explanations)
 
     def annotate(self, rows: list[dict]) -> None:
         """Fill the explanation columns of failures.csv rows (dicts with `sequence` and `position`), in place."""
@@ -344,37 +360,37 @@ class Explainer:
         return self._per_item(items, batch_size, self._columns)
 
     def _per_item(self, items: list[tuple[torch.Tensor | str, int]], batch_size: int, finish) -> list:
-        """`finish(measured, n)` for each item, from the batches `_measure_batch` measures (see `explain_many`)."""
-        prefixes: list[tuple[int, ...]] = []
+        """What `finish(measured)` gives for each item of the batches `_measure_batch` measures (see `explain_many`)."""
+        prefixes: list[bytes] = []  # token ids, a byte each: hashed and sorted faster than tuples
         letters, ids = set(range(self.q)), self._token_ids
         for toks, pos in items:
             if isinstance(toks, str):
                 if not ids.keys() >= set(toks):
                     raise AdvsearchError(f"{toks!r} has characters outside the vocabulary {self.spec.vocab!r}")
-                toks = [ids[c] for c in toks]
+                toks = toks.translate(self._token_bytes).encode("latin-1")  # one byte per token id
             else:
                 toks = torch.as_tensor(toks).flatten().tolist()
             if not 0 <= pos < len(toks):
                 raise AdvsearchError(f"position {pos} is outside a sequence of {len(toks)} tokens")
             if pos >= self.spec.seq_len:
                 raise AdvsearchError(f"position {pos} is beyond the model's {self.spec.seq_len} positions")
-            p = tuple(toks[: pos + 1])
+            p = toks[: pos + 1]
             if p[0] != self.q or not letters.issuperset(p[1:]):
-                raise AdvsearchError(f"{self.spec.decode(p)!r} is not '?' followed by letters")
-            prefixes.append(p)
+                raise AdvsearchError(f"{self.spec.decode(list(p))!r} is not '?' followed by letters")
+            prefixes.append(bytes(p))
         # in sorted order a prefix of any later prefix is a prefix of the next one, which the next one's owner extends
-        owner: dict[tuple[int, ...], tuple[int, ...]] = {}
-        positions: dict[tuple[int, ...], set[int]] = defaultdict(set)
-        rep: tuple[int, ...] = ()
+        owner: dict[bytes, bytes] = {}
+        positions: dict[bytes, set[int]] = defaultdict(set)
+        rep = b""
         for p in sorted(set(prefixes), reverse=True):
             if rep[: len(p)] != p:
                 rep = p
             owner[p] = rep
             positions[rep].add(len(p) - 1)
-        by_length: dict[int, list[tuple[int, ...]]] = defaultdict(list)
+        by_length: dict[int, list[bytes]] = defaultdict(list)
         for r in positions:
             by_length[len(r)].append(r)
-        done: dict[tuple[tuple[int, ...], int], object] = {}
+        done: dict[tuple[bytes, int], object] = {}
         for _, reps in sorted(by_length.items()):
             reps.sort(key=lambda r: (len(positions[r]), r))  # like counts together: little padding in a batch
             start = 0
@@ -385,8 +401,8 @@ class Explainer:
                     n += len(positions[reps[start]])
                     start += 1
                 where = [sorted(positions[r]) for r in chunk]
-                measured = self._measure_batch(torch.tensor(chunk), where)
-                exs = (finish(measured, n) for n in range(len(measured.seq)))
+                measured = self._measure_batch(torch.tensor([list(r) for r in chunk]), where)
+                exs = iter(finish(measured))
                 for r, ks in zip(chunk, where):
                     for k in ks:
                         done[r, k] = next(exs)
@@ -437,51 +453,53 @@ class Explainer:
                 open_[sel[fixed]] = False
 
         # controls: like-sized siblings the explanation does not name
-        sizes = self._sizes(clean).tolist()
-        named_list = named_set[rows].tolist()
-        named_sets = {b: tuple(c for c in cs if c >= 0) for b, cs in zip(rows.tolist(), named_list)}
-        controls = {b: self._control(s, sizes[b]) for b, s in named_sets.items()}
+        control_set = self._controls(named_set[rows], self._sizes(clean)[rows])  # [R, MAX_SET]
+        n_named, has_control = (named_set[rows] >= 0).sum(1), control_set[:, 0] >= 0
         ctrl_eff = torch.zeros(N, dtype=torch.float64)
         ctrl_fix = torch.zeros(N, dtype=torch.bool)
-        by_size: dict[int, list[int]] = defaultdict(list)
-        for b, c in controls.items():
-            if c is not None:
-                by_size[len(c)].append(b)
-        for bs in by_size.values():
-            e, f = self._measure(clean, truth, pred, gap, torch.tensor(bs), torch.tensor([[controls[b]] for b in bs]))
-            ctrl_eff[bs], ctrl_fix[bs] = e[:, 0], f[:, 0]
+        for size in range(1, MAX_SET + 1):
+            sel = (has_control & (n_named == size)).nonzero().flatten()
+            if len(sel):
+                e, f = self._measure(clean, truth, pred, gap, rows[sel], control_set[sel, None, :size])
+                ctrl_eff[rows[sel]], ctrl_fix[rows[sel]] = e[:, 0], f[:, 0]
 
         # attribution rows for the text
         att = pm.attribute(clean)
         allc = torch.cat([att["paths"].flatten(1, 2), att["heads0"], att["heads1"]], 1).cpu()  # [N, C, V]
         at_t, at_p = allc[ar, :, truth], allc[ar, :, pred]
         deciding = (at_p - at_t)[:, : comp.n_paths].argmax(1).tolist()  # the first of equals, as max() picks
-        checks = ["none"] * N
-        for n, fix in zip(rows.tolist(), named_fix[rows].tolist()):
-            checks[n] = "confirmed" if fix else "refuted"
-        ctrl_fix = ctrl_fix.tolist()
+        failing = torch.zeros(N, dtype=torch.bool)
+        failing[rows] = True
+        check = torch.where(failing, (~named_fix).long(), 2).tolist()  # CHECK_RESULTS
+        all_controls = torch.full((N, MAX_SET), -1)
+        all_controls[rows] = control_set
+        control = torch.where(all_controls[:, 0] >= 0, (~ctrl_fix).long(), 2).tolist()  # CONTROL_RESULTS
+        st = self._structures(toks, seq, pos, truth, pred)
+        att = self._duplicate_attention(clean, st.matter_letters)
         return _Measured(
             seq=seq.tolist(), pos=pos.tolist(), toks=toks.tolist(), truth=truth.tolist(), pred=pred.tolist(),
             logit_true=logits[ar, truth].tolist(), logit_pred=logits[ar, pred].tolist(), at_true=at_t, at_pred=at_p,
-            deciding=deciding, dup_att=self._duplicate_attention(clean).tolist(),
-            named=[named_sets.get(n, ()) for n in range(N)], check=checks, effect=named_eff.tolist(),
-            control_set=[controls.get(n) or () for n in range(N)],
-            control=["none" if controls.get(n) is None else ("fixed" if ctrl_fix[n] else "not_fixed") for n in range(N)],
+            deciding=deciding, detector_att=att.transpose(1, 2).tolist(), structure=st,
+            named=_sets(named_set), check=[CHECK_RESULTS[c] for c in check], effect=named_eff.tolist(),
+            control_set=_sets(all_controls), control=[CONTROL_RESULTS[c] for c in control],
             control_effect=ctrl_eff.tolist(),
         )  # fmt: skip
 
-    def _duplicate_attention(self, clean) -> torch.Tensor:
-        """[N, H, letters]: each layer-0 head's attention from the latest copy of each letter (up to k) to
-        its earlier copies (0 for a letter with no earlier copy)."""
-        toks, pattern0 = clean.tokens.cpu(), clean.pattern0.cpu()
-        B, L = toks.shape
-        seq, pos = clean.seq.cpu(), clean.pos.cpu()
-        is_x = toks[:, :, None] == torch.arange(self.q)  # [B, L, letters]
-        where = torch.where(is_x, torch.arange(L)[:, None], -1).cummax(1).values  # latest copy up to each position
-        last = where[seq, pos]  # [N, letters]
+    def _prefixes(self, toks: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """[N, L]: each item's sequence, '?' beyond its position k."""
+        return toks[seq].masked_fill(torch.arange(toks.shape[1]) > pos[:, None], self.q)
+
+    def _duplicate_attention(self, clean, letters: torch.Tensor) -> torch.Tensor:
+        """[N, H, K]: each layer-0 head's attention from the latest copy of each letter `letters` [N, K] (up
+        to k) to its earlier copies (0 for a letter with no earlier copy)."""
+        pattern0, seq, pos = clean.pattern0.cpu(), clean.seq.cpu(), clean.pos.cpu()
+        prefix = self._prefixes(clean.tokens.cpu(), seq, pos)
+        L = prefix.shape[1]
+        is_x = prefix[:, None] == letters[..., None]  # [N, K, L]
+        last = torch.where(is_x, torch.arange(L), -1).amax(-1)  # [N, K]: the latest copy
         rows = pattern0[seq[:, None, None], torch.arange(pattern0.shape[1])[:, None], last.clamp(min=0)[:, None]]
-        earlier = is_x[seq].transpose(1, 2) & (torch.arange(L) < last[..., None])  # [N, letters, L]
-        return (rows * earlier[:, None]).sum(-1)  # [N, H, letters]
+        earlier = is_x & (torch.arange(L) < last[..., None])  # [N, K, L]
+        return (rows * earlier[:, None]).sum(-1)  # [N, H, K]
 
     def _ablate(self, clean, truth, pred, gap, rows, keep, keep_out) -> tuple[torch.Tensor, torch.Tensor]:
         """Per variant of the items `rows`: the change of logit(t*) − logit(p) and whether the model then answers t*."""
@@ -535,46 +553,89 @@ class Explainer:
         out1 = (clean.out1 - pm.mean_out1[:, clean.pos].transpose(0, 1)).norm(dim=-1)  # [N, H]
         return torch.cat([paths, rms[:, 1:], out1], 1).cpu()
 
-    def _control(self, named: tuple[int, ...], sizes: list[float]) -> tuple[int, ...] | None:
-        """For each named component, the sibling closest in size that is neither named nor already used."""
-        chosen: list[int] = []
-        for c in named:
-            options = [x for x in self.comp.siblings(c) if x not in named and x not in chosen]
-            if not options:
-                return None
-            chosen.append(min(options, key=lambda x: abs(sizes[x] - sizes[c])))
-        return tuple(chosen)
+    def _controls(self, named: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        """Per row of named sets `named` [R, K] (-1 padded) and component sizes [R, C]: for each named
+        component, the sibling closest in size (the first of equals) that is neither named nor already
+        chosen; all -1 for a row where some named component has no such sibling."""
+        R, K = named.shape
+        C = sizes.shape[1]
+        ar, c = torch.arange(R), named.clamp(min=0)
+        used = torch.zeros(R, C + 1, dtype=torch.bool)
+        used[ar[:, None], torch.where(named >= 0, named, C)] = True
+        chosen, ok = torch.full((R, K), -1), torch.ones(R, dtype=torch.bool)
+        for i in range(K):
+            active = named[:, i] >= 0
+            options = self.comp.sibling_mask[c[:, i]] & ~used[:, :C]
+            dist = (sizes - sizes[ar, c[:, i], None]).abs().masked_fill(~options, torch.inf)
+            pick, take = dist.argmin(1), active & options.any(1)
+            ok &= take | ~active
+            chosen[take, i] = pick[take]
+            used[ar[take], pick[take]] = True
+        return chosen.masked_fill(~ok[:, None], -1)
+
+    # ---- the structure ----------------------------------------------------------------------
+    def _structures(self, toks: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, truth: torch.Tensor,
+                    pred: torch.Tensor) -> _Structures:  # fmt: skip
+        """The items' structure and category (the first matching rule of the module docstring's list)."""
+        q, N = self.q, len(seq)
+        ar, L = torch.arange(N), toks.shape[1]
+        prefix = self._prefixes(toks, seq, pos)
+        counts = torch.zeros(N, q + 1, dtype=torch.long).scatter_add_(1, prefix, torch.ones_like(prefix))
+        counts[:, q] = 0  # [N, tokens]: copies of each letter, none of '?'
+        c_pred, c_true, counts = counts[ar, pred], counts[ar, truth], counts[:, :q]
+        first = torch.full((N, q + 1), L).scatter_reduce_(1, prefix, torch.arange(L).expand(N, L), "amin")[:, :q]
+        dup = counts >= 2
+        R = self._responsible_t  # [letters + 1]: -1 for '?'
+        rt, rp = R[truth], R[pred]
+        load = dup & (R[:q] == rt[:, None])
+        at_k, has_load = prefix[ar, pos], load.any(1)
+        rules = [  # in the order of CATEGORIES
+            (truth == q) & (c_pred >= 2),
+            truth == q,
+            (pred == q) & (at_k != truth),
+            (at_k == truth) & (c_true == 1),
+            c_pred >= 2,
+            (c_pred == 1) & has_load & (rt != rp),
+            c_pred == 1,
+            rt == rp,
+            torch.ones(N, dtype=torch.bool),
+        ]
+        category = torch.stack(rules, 1).int().argmax(1).masked_fill(pred == truth, len(rules))  # the first match
+        pred_dup = (pred[:, None] == torch.arange(q)) & dup
+        matter = pred_dup | load | (dup & (R[:q] == rp[:, None]) & (truth == q)[:, None])
+        order = torch.where(pred_dup, -1, first).masked_fill(~matter, L).argsort(1)[:, :3]  # the prediction first
+        shown = matter[ar[:, None], order]
+        return _Structures(
+            counts=counts, first=first, rt=_or_none(rt.tolist()), rp=_or_none(rp.tolist()), load=load,
+            category=[CATEGORIES[c] for c in category.tolist()],
+            matter=[[x for x, y in zip(xs, ys) if y] for xs, ys in zip(order.tolist(), shown.tolist())],
+            matter_letters=order,
+        )  # fmt: skip
 
     # ---- one item ---------------------------------------------------------------------------
-    def _structure(self, p: list[int], t: int, pr: int) -> _Structure:
-        counts = [0] * (self.q + 1)
-        for x in p[1:]:
-            counts[x] += 1
-        order = list(dict.fromkeys(p[1:]))
-        dup = [x for x in order if counts[x] >= 2]
-        R = self._responsible
-        rt = R[t] if t < self.q else None
-        rp = R[pr] if pr < self.q else None
-        load_letters = [x for x in dup if R[x] == rt] if rt is not None else []
-        matter = ([pr] if pr < self.q and counts[pr] >= 2 else []) + load_letters
-        if t == self.q and rp is not None:
-            matter += [x for x in dup if R[x] == rp]
-        return _Structure(counts, order, dup, rt, rp, load_letters, list(dict.fromkeys(matter))[:3])
+    def _columns(self, m: _Measured) -> list[dict[str, str | int | float]]:
+        """Each item's failures.csv columns, as `Explanation.columns()` gives them."""
+        st, names = m.structure, self.comp.names
+        loads = st.load.sum(1).tolist()
+        return [csv_columns(st.category[n], st.rt[n], st.rp[n], loads[n],
+                            self._detectors(st.matter[n], m.detector_att[n]),
+                            names[m.deciding[n]] if st.category[n] != "correct" else "",
+                            [names[c] for c in m.named[n]], m.check[n], m.control[n], m.effect[n],
+                            m.control_effect[n]) for n in range(len(m.seq))]  # fmt: skip
 
-    def _columns(self, m: _Measured, n: int) -> dict[str, str | int | float]:
-        """Item n's failures.csv columns, as `Explanation.columns()` gives them."""
-        p, t, pr = m.toks[m.seq[n]][: m.pos[n] + 1], m.truth[n], m.pred[n]
-        st, names = self._structure(p, t, pr), self.comp.names
-        return csv_columns(self._category(p, t, pr, st), st.rt, st.rp, len(st.load_letters),
-                           self._detectors(st.matter, m.dup_att[n]), names[m.deciding[n]] if pr != t else "",
-                           [names[c] for c in m.named[n]], m.check[n], m.control[n], m.effect[n],
-                           m.control_effect[n])  # fmt: skip
+    def _explanations(self, m: _Measured) -> list[Explanation]:
+        """Each item's `Explanation`."""
+        return [self._explanation(m, n) for n in range(len(m.seq))]
 
     def _explanation(self, m: _Measured, n: int) -> Explanation:
         V, q, names = self.spec.vocab, self.q, self.comp.names
         p, t, pr, named = m.toks[m.seq[n]][: m.pos[n] + 1], m.truth[n], m.pred[n], m.named[n]
-        st = self._structure(p, t, pr)
-        cat, reason = self._categorise(p, t, pr, st)
+        st = m.structure
+        counts, first = st.counts[n].tolist(), st.first[n].tolist()
+        order = sorted((x for x in range(q) if counts[x]), key=first.__getitem__)
+        load = st.load[n].tolist()
+        load_letters = [x for x in order if load[x]]
+        cat, reason = self._categorise(p, t, pr, st.category[n], counts, st.rt[n], st.rp[n], load_letters)
         P = self.comp.n_paths
         at_t, at_p = m.at_true[n].tolist(), m.at_pred[n].tolist()
         paths = {x: {"true": a, "pred": b} for x, a, b in zip(names[:P], at_t, at_p)}
@@ -589,11 +650,11 @@ class Explainer:
             predicted=V[pr],
             category=cat,
             reason=reason,
-            resp_head_true=st.rt,
-            resp_head_pred=st.rp,
-            load=len(st.load_letters),
-            load_letters=[V[x] for x in st.load_letters],
-            detectors=self._detectors(st.matter, m.dup_att[n]),
+            resp_head_true=st.rt[n],
+            resp_head_pred=st.rp[n],
+            load=len(load_letters),
+            load_letters=[V[x] for x in load_letters],
+            detectors=self._detectors(st.matter[n], m.detector_att[n]),
             components=[names[c] for c in named],
             story=story,
             check=m.check[n],
@@ -606,32 +667,15 @@ class Explainer:
             logit_pred=m.logit_pred[n],
             paths=paths,
             heads=heads,
-            duplicated=[V[x] for x in st.dup],
-            unique=[V[x] for x in st.order if st.counts[x] == 1],
-            absent=[V[x] for x in range(q) if st.counts[x] == 0],
+            duplicated=[V[x] for x in order if counts[x] >= 2],
+            unique=[V[x] for x in order if counts[x] == 1],
+            absent=[V[x] for x in range(q) if counts[x] == 0],
         )
 
-    def _category(self, p: list[int], t: int, pr: int, st: _Structure) -> str:
-        """The first matching rule of the module docstring's list."""
-        q, counts, k = self.q, st.counts, len(p) - 1
-        if pr == t:
-            return "correct"
-        if t == q:
-            return "qmark_expected" if counts[pr] >= 2 else "absent_letter_predicted"
-        if pr == q and p[k] != t:
-            return "unique_missed_qmark"
-        if p[k] == t and counts[t] == 1:
-            return "first_instance_missed"
-        if counts[pr] >= 2:
-            return "duplicate_not_suppressed"
-        if counts[pr] == 1:
-            return "overloaded_head" if st.load_letters and st.rt != st.rp else "later_unique_preferred"
-        return "set_mate_predicted" if st.rt == st.rp else "other"
-
-    def _categorise(self, p: list[int], t: int, pr: int, st: _Structure) -> tuple[str, str]:
-        """The category (`_category`) and the reason it gives, in words."""
-        V, counts, rt, rp = self.spec.vocab, st.counts, st.rt, st.rp
-        cat = self._category(p, t, pr, st)
+    def _categorise(self, p: list[int], t: int, pr: int, cat: str, counts: list[int], rt: int | None,
+                    rp: int | None, load_letters: list[int]) -> tuple[str, str]:  # fmt: skip
+        """The category (`_structures`) and the reason it gives, in words."""
+        V = self.spec.vocab
         reason = {
             "correct": lambda: "the model predicts the truth here",
             "qmark_expected": lambda: f"every letter is duplicated, yet {V[pr]!r} ({counts[pr]} copies) beat '?'",
@@ -645,7 +689,7 @@ class Explainer:
             ),
             "overloaded_head": lambda: (
                 f"{_head(rt)}, responsible for {V[t]!r}, also carries the duplicated "
-                f"{''.join(V[x] for x in st.load_letters)} of its set; the later unique {V[pr]!r} "
+                f"{''.join(V[x] for x in load_letters)} of its set; the later unique {V[pr]!r} "
                 f"({_head(rp)}'s set) wins"
             ),
             "later_unique_preferred": lambda: (
@@ -656,17 +700,16 @@ class Explainer:
         }[cat]()
         return cat, reason
 
-    def _detectors(self, letters: list[int], dup_att: list[list[float]]) -> str:
-        """For each duplicated letter, the layer-0 heads that flagged (attention from its latest copy to
-        the earlier ones, `dup_att[h][x]`, at least the tables' threshold) or missed (a detector of it in
-        the tables, below)."""
+    def _detectors(self, letters: list[int], att: list[list[float]]) -> str:
+        """For each duplicated letter `letters[i]`, the layer-0 heads that flagged (attention from its latest
+        copy to the earlier ones, `att[i][h]`, at least the tables' threshold) or missed (a detector of it
+        in the tables, below)."""
         V, tab = self.spec.vocab, self.tables
         thr, diag = tab.dup_threshold, tab.l0_diag
         parts = []
-        for x in letters:
+        for x, row in zip(letters, att):
             notes = []
-            for h, row in enumerate(dup_att):
-                a = row[x]
+            for h, a in enumerate(row):
                 if a >= thr:
                     notes.append(f"0.{h} flagged {a:.2f}")
                 elif diag[h][x] > thr:

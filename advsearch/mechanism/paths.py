@@ -227,9 +227,11 @@ class PathModel:
         if not missing.any():
             return
         seqs = run.seq[missing.any(1)].unique()
+        if len(seqs) == len(run.slots):
+            seqs = None  # every sequence: `_heads` reads the projections without copying them
         todo = missing.any(0).nonzero().flatten()
         out, _, _ = self._heads(run, seqs, todo.tolist())
-        slots = run.slots[seqs]
+        slots = run.slots if seqs is None else run.slots[seqs]
         idx = slots[slots >= 0]
         H = self.n_heads
         rows = (todo[:, None] * H + torch.arange(H, device=self.device)).flatten()  # [P*H]
