@@ -53,19 +53,32 @@ def one_worker(challenge_path, tmp_path_factory):
 @pytest.mark.parametrize("workers", [2, 3])
 def test_census_shards_on_forked_processes_give_the_one_process_bytes(workers, one_worker, challenge_path, tmp_path,
                                                                       monkeypatch):  # fmt: skip
-    started = []
-    real = shards.ProcessShards._start_more
+    submitted = []
+    real = shards.ProcessShards.submit
 
-    def counting(self):
-        before = len(self.running)
-        real(self)
-        started.append(len(self.running) - before)
+    def counting(self, job, weights):
+        submitted.append(job.item)
+        return real(self, job, weights)
 
-    monkeypatch.setattr(shards.ProcessShards, "_start_more", counting)
+    monkeypatch.setattr(shards.ProcessShards, "submit", counting)
     summary = run(CENSUS, challenge_path, tmp_path / "census", workers)
     same_files(tmp_path / "census", one_worker / "census")
-    assert sum(started) >= 2 * workers  # the census really went to several processes
-    assert summary["sequences"] == 111_110
+    assert len(submitted) >= 2 * workers  # the census really went to the workers, in parts of its chunks
+    assert summary["sequences"] == 111_110 and summary["workers"] == workers
+
+
+def test_a_census_cut_on_one_process_resumes_on_workers_to_the_same_bytes(one_worker, challenge_path, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    """The resumed driver holds no parents until it has re-evaluated the path down to its next chunk: only
+    then may it fork the workers that start from its prefix store."""
+    out = tmp_path / "census"
+    interrupt_judging(monkeypatch, at_call=6)  # at the second of the five chunks of leaves
+    assert "--resume" in one_line_error(invoke(*CENSUS, "--model", challenge_path, "--out", out, "--workers", 1), 130)
+    assert len(json.loads((out / "state.json").read_text())["strategy_state"]["todo"]) == 4
+    monkeypatch.undo()
+    resumed = invoke(*CENSUS, "--model", challenge_path, "--out", out, "--resume", "--workers", 2)
+    assert resumed.exit_code == 0, resumed.output
+    same_files(out, one_worker / "census")
 
 
 def test_explanations_and_minimization_on_workers_give_the_one_process_bytes(one_worker, challenge_path, tmp_path,
@@ -91,10 +104,10 @@ def test_an_interrupted_run_with_workers_keeps_its_steps_and_resumes_to_the_same
     same_files(out, one_worker / "guided")
 
 
-def test_a_shard_process_that_dies_is_a_one_line_error(challenge_path, tmp_path, monkeypatch):
-    monkeypatch.setattr(shards, "run_shard", lambda *a, **k: os._exit(3))  # in the forked shard process
+def test_a_worker_that_dies_is_a_one_line_error(challenge_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "run_shard", lambda *a, **k: os._exit(3))  # in the forked worker
     line = one_line_error(invoke(*CENSUS, "--model", challenge_path, "--out", tmp_path / "c", "--workers", 2))
-    assert "census shard" in line and "exited with code 3" in line and "resuming" in line
+    assert "worker process died" in line and "census shard" in line and "resuming" in line
     assert json.loads((tmp_path / "c" / "state.json").read_text())["finished"] is False
 
 

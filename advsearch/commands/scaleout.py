@@ -92,3 +92,6 @@ class RayBackend:
 
     def cancel(self, handle) -> None:
         self.ray.cancel(handle)
+
+    def close(self) -> None:
+        pass  # Ray stays up for the rest of the process (ray.init is idempotent)

@@ -161,6 +161,7 @@ class PrefixStore:
         self.slots: dict[int, tuple[torch.Tensor, KV]] = {}  # prefix length -> (sorted ids, kv)
         # prefix length -> flat storage of that length's slot, reused by the next chunk of that length
         self.storage: dict[int, KV] = {}
+        self.restored = False  # set by `restore`: every chunk's parents must then be held
 
     def _parents_kv(self, parents: torch.Tensor) -> KV:
         slot = self.slots.get(parents.shape[1])
@@ -171,7 +172,20 @@ class PrefixStore:
             stop = start + len(want)
             if stop <= len(ids) and torch.equal(ids[start:stop], want):
                 return KV(kv.keys[:, start:stop], kv.values[:, start:stop])
+        if self.restored:  # a copy that must compute exactly what the store it copies would have
+            raise RuntimeError("the parents of a chunk are not in the restored prefix store")
         return encode(self.fw, parents)  # not cached (first chunk after a resume, say)
+
+    def snapshot(self) -> dict:
+        """What the store holds now, to `restore` after other chunks were evaluated (in a process of its own)."""
+        return dict(self.slots)
+
+    def restore(self, snapshot: dict) -> None:
+        """Hold what `snapshot` held. Its tensors are never reused as storage afterwards (they are
+        read-only from now on), so a snapshot can be restored again and again."""
+        kept = {t.data_ptr() for _, kv in snapshot.values() for t in (kv.keys, kv.values)}
+        reusable = {length: kv for length, kv in self.storage.items() if kv.keys.data_ptr() not in kept}
+        self.slots, self.storage, self.restored = dict(snapshot), reusable, True
 
     def extension_logits(self, tokens: torch.Tensor, keep: bool) -> torch.Tensor:
         """Last-position logits [batch, vocab] of `tokens` [batch, n + 1], whose rows must be every

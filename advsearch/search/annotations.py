@@ -20,7 +20,8 @@ MIN_PART = 256  # rows: smaller parts cost more in transfer and per-call work th
 
 
 class Annotator(Protocol):
-    """Adds `columns` to failure rows (dicts with at least `sequence` and `position`), in place.
+    """Adds `columns` to failure rows, in place, from their `sequence` and `position` (the only keys it
+    may read: workers are sent those alone).
 
     An annotator may also say `rows_independent = True`: a row's columns do not depend on which other
     rows share its `annotate` call (then workers may split a step's rows)."""
@@ -58,7 +59,7 @@ class Annotations:
             parts = self.pool.workers if getattr(annotator, "rows_independent", False) else 1
             size = max(MIN_PART, -(-len(rows) // parts))
             for lo in range(0, len(rows), size):
-                part = rows[lo : lo + size]
+                part = [{"sequence": r["sequence"], "position": r["position"]} for r in rows[lo : lo + size]]
                 pending.append((i, lo, lo + len(part), self.pool.submit(_annotate_here, i, part)))
         return pending
 

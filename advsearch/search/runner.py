@@ -36,7 +36,7 @@ from advsearch.model.determinism import EVAL_THREADS, eval_threads
 from advsearch.model.evaluator import Evaluator
 from advsearch.model.judge import YIELD_CONFIDENCE
 from advsearch.search.annotations import Annotations, Annotator
-from advsearch.search.audit import EXPLANATION_COLUMNS, audit_csv
+from advsearch.search.audit import EXPLANATION_COLUMNS, AuditTally
 from advsearch.search.results import FAILURE_COLUMNS, FailureLog, prepare_dir, write_table
 from advsearch.search.shards import ProcessShards, shardable, sharded_steps
 from advsearch.search.steps import Step, local_steps
@@ -107,6 +107,10 @@ def run_search(
         counters = {"sequences": 0, "positions": 0, "failures": 0, "hits": 0, "wall_seconds": 0.0}
         log = FailureLog(csv_path, columns)
 
+    tally = None  # the audit of the rows written, when they have explanations
+    if set(EXPLANATION_COLUMNS) <= set(columns):
+        tally = AuditTally.from_csv(csv_path) if resume else AuditTally()
+
     def summary(status: str) -> dict:
         wall = counters["wall_seconds"]
         data = {
@@ -126,8 +130,8 @@ def run_search(
             "files": ["failures.csv", *strategy.tables()],
             "tables": {name: rows for name, rows in strategy.tables().items() if len(rows) <= 100},
         }  # fmt: skip
-        if set(EXPLANATION_COLUMNS) <= set(columns):
-            data["audit"] = audit_csv(csv_path)  # how the explanations hold (advsearch audit)
+        if tally is not None:
+            data["audit"] = tally.table()  # how the explanations hold (advsearch audit)
         for name, rows in strategy.tables().items():
             write_table(out_dir / name, rows)
         write_json(out_dir / "summary.json", data)
@@ -158,6 +162,8 @@ def run_search(
         annotations.fill(rows, annotating)
         log.write(rows)
         pending.popleft()  # an interrupt before this line writes the step again, over what it had written
+        if tally is not None:
+            tally.add(rows)
         counters["sequences"] += step.sequences
         counters["positions"] += step.positions
         counters["failures"] += len(rows)

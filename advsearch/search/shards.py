@@ -20,17 +20,15 @@ Workers are the run's forked processes (`ProcessShards`) or Ray tasks
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
-import multiprocessing.connection
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from advsearch.errors import AdvsearchError
 from advsearch.model.determinism import eval_threads
 from advsearch.model.evaluator import Evaluator
 from advsearch.search.steps import Step, local_step, local_steps
-from advsearch.search.workers import start_worker
+from advsearch.search import workers
+from advsearch.search.workers import WorkerPool
 
 SHARDS_PER_SLOT = 4  # more shards than workers, for load balance
 
@@ -68,7 +66,7 @@ def run_shard(job: ShardJob, weights=None, evaluator: Evaluator | None = None) -
 class Shards(Protocol):
     """Where shards run, `slots` at a time: `submit` starts `run_shard(job, weights)`, `collect` waits for it;
     `ready(strategy)` says whether to split the strategy's pending items into shards now, and
-    `split_leaves` whether to cut chunks of leaves into one part per slot first."""
+    `split_leaves` whether to cut chunks of leaves into parts when there are too few items."""
 
     slots: int
     split_leaves: bool
@@ -81,14 +79,17 @@ class Shards(Protocol):
 
     def cancel(self, handle: Any) -> None: ...
 
+    def close(self) -> None: ...
+
 
 def sharded_steps(shards: Shards, model, strategy, evaluator: Evaluator, min_confidence: float,
                   run_id: str, device: str) -> Iterator[Step]:  # fmt: skip
     """The top of the chunk tree here, then one shard per remaining todo item, consumed in visiting order."""
     while strategy.pending() and not shards.ready(strategy):
         yield local_step(strategy, evaluator, min_confidence, run_id)
-    if shards.split_leaves:
-        strategy.split_leaves(shards.slots)
+    want = SHARDS_PER_SLOT * shards.slots
+    if shards.split_leaves and len(strategy.pending()) < want:  # too few items to keep the slots busy
+        strategy.split_leaves(-(-want // len(strategy.pending())))
     items = strategy.pending()
     jobs = {item: ShardJob(type(strategy), model.spec, strategy.config, item, min_confidence, run_id, device)
             for item in items}  # fmt: skip
@@ -103,82 +104,51 @@ def sharded_steps(shards: Shards, model, strategy, evaluator: Evaluator, min_con
     finally:
         for handle in handles.values():  # interrupted or failed: drop the shards not consumed yet
             shards.cancel(handle)
+        shards.close()
 
 
 class ProcessShards:
-    """Shards on processes forked from this one, one per shard, `slots` at a time.
+    """Shards on `slots` worker processes forked from this one when the shards start.
 
-    Each shard process is a copy of the driver as it stands after the top of the tree, so its
-    evaluator already holds the keys and values of every pending item's parents (they are the
-    chunks on the driver's path, which its prefix store keeps): a shard starts where the single
-    process would be, without re-evaluating the path down to it (`ShardJob.warm`). The driver
-    evaluates nothing while shards run, and forks them from its main thread, so every shard copies
-    the same state. Shards start in the order they were submitted; `collect` waits for one.
+    Each worker is a copy of the driver as it stands after the top of the tree, so its evaluator
+    already holds the keys and values of every pending item's parents (they are the chunks on the
+    driver's path, which its prefix store keeps): a shard starts where the single process would be,
+    without re-evaluating the path down to it (`ShardJob.warm`). A worker puts its prefix store back
+    to that state before each shard (`PrefixStore.restore`), so it can run any number of them.
     """
 
     split_leaves = True  # a part of a chunk of leaves starts as warm as the whole chunk would
 
     def __init__(self, slots: int, evaluator: Evaluator):
-        self.slots, self.evaluator = slots, evaluator
-        self.queue: list[ShardJob] = []  # submitted, not started
-        self.running: dict = {}  # connection -> (job, process)
-        self.done: dict[tuple, tuple[Step, list[dict]]] = {}
+        self.slots, self.evaluator, self.pool = slots, evaluator, None
 
     def ready(self, strategy) -> bool:
         """Enough items to balance the slots, or the next one is a chunk of leaves (evaluating it here
         would give its time to no shard, and a shard of it costs no more than here)."""
+        if not strategy.warm:  # a resumed run: the driver's prefix store holds no parents yet
+            return False
         pending = strategy.pending()
         leaf = strategy.subtree_size(pending[0]) == pending[0][2] - pending[0][1]
         return len(pending) >= SHARDS_PER_SLOT * self.slots or (leaf and len(pending) > 1)
 
-    def submit(self, job: ShardJob, weights) -> tuple:
-        self.queue.append(dataclasses.replace(job, warm=True))
-        return job.item
+    def submit(self, job: ShardJob, weights):
+        if self.pool is None:  # the fork: the workers copy the driver's prefix store as it is now
+            self.pool = WorkerPool(self.slots, (self.evaluator, self.evaluator.prefixes.snapshot()))
+        return self.pool.submit(_pooled_shard, dataclasses.replace(job, warm=True))
 
-    def _start_more(self) -> None:
-        while self.queue and len(self.running) < self.slots:
-            job = self.queue.pop(0)
-            receive, send = multiprocessing.Pipe(duplex=False)
-            process = multiprocessing.get_context("fork").Process(target=_forked_shard, args=(job, self.evaluator, send),
-                                                                  daemon=True)  # fmt: skip
-            process.start()
-            send.close()
-            self.running[receive] = (job, process)
+    def collect(self, job: ShardJob, handle) -> tuple[Step, list[dict]]:
+        return self.pool.result(handle, f"census shard {job.item}")
 
-    def collect(self, job: ShardJob, handle: tuple) -> tuple[Step, list[dict]]:
-        while handle not in self.done:
-            self._start_more()
-            for conn in multiprocessing.connection.wait(list(self.running)):
-                finished, process = self.running.pop(conn)
-                try:
-                    ok, value = conn.recv()
-                except EOFError:  # the process died without an answer
-                    process.join()
-                    ok, value = False, f"its process exited with code {process.exitcode}"
-                conn.close()
-                process.join()
-                if not ok:
-                    raise AdvsearchError(f"census shard {finished.item} failed ({value}); resuming the run "
-                                         "continues from there")  # fmt: skip
-                self.done[finished.item] = value
-        return self.done.pop(handle)
+    def cancel(self, handle) -> None:
+        handle.cancel()
 
-    def cancel(self, handle: tuple) -> None:
-        self.queue = [job for job in self.queue if job.item != handle]
-        for conn, (job, process) in list(self.running.items()):
-            if job.item == handle:
-                process.kill()
-                process.join()
-                conn.close()
-                del self.running[conn]
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
 
 
-def _forked_shard(job: ShardJob, evaluator: Evaluator, send) -> None:
-    """In a forked shard process: compute `job` with the driver's evaluator and send (ok, result or error)."""
-    start_worker()
-    try:
-        send.send((True, run_shard(job, evaluator=evaluator)))
-    except BaseException as e:  # noqa: BLE001 (the driver reports it)
-        send.send((False, f"{type(e).__name__}: {e}"))
-    finally:
-        send.close()
+def _pooled_shard(job: ShardJob) -> tuple[Step, list[dict]]:
+    """In a worker: `job` from the driver's prefix store as it was at the fork."""
+    evaluator, snapshot = workers.shared()
+    evaluator.prefixes.restore(snapshot)
+    return run_shard(job, evaluator=evaluator)
