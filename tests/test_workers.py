@@ -81,6 +81,27 @@ def test_a_census_cut_on_one_process_resumes_on_workers_to_the_same_bytes(one_wo
     same_files(out, one_worker / "census")
 
 
+def test_a_census_interrupted_among_its_shards_resumes_to_the_same_bytes(one_worker, challenge_path, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    from strategies.exhaustive import ExhaustiveStrategy
+
+    out, real, calls = tmp_path / "census", ExhaustiveStrategy.absorb, {"n": 0}
+
+    def absorb_then_interrupt(self, *a):  # Ctrl-C while the driver waits for its third shard
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *a)
+
+    monkeypatch.setattr(ExhaustiveStrategy, "absorb", absorb_then_interrupt)
+    assert "--resume" in one_line_error(invoke(*CENSUS, "--model", challenge_path, "--out", out, "--workers", 2), 130)
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    monkeypatch.undo()
+    resumed = invoke(*CENSUS, "--model", challenge_path, "--out", out, "--resume", "--workers", 2)
+    assert resumed.exit_code == 0, resumed.output
+    same_files(out, one_worker / "census")
+
+
 def test_explanations_and_minimization_on_workers_give_the_one_process_bytes(one_worker, challenge_path, tmp_path,
                                                                             monkeypatch):  # fmt: skip
     from advsearch.search import annotations

@@ -3,15 +3,16 @@
 The exhaustive strategy walks a tree of chunks depth-first, and its todo stack
 lists what is left in visiting order: the subtree under `todo[-1]` comes before
 that of `todo[-2]`, and so on. So `sharded_steps` evaluates the top of the tree
-here until the stack holds enough items (`SHARDS_PER_SLOT` per worker slot), then
-hands every item to the workers as one shard that computes its whole subtree
-(`run_shard`), and consumes the results strictly in stack order. The
-concatenated failures are in exactly the single-process order; each shard warms
-its prefix cache with the chunks on the path down to it and computes with the
-same fixed thread count (`advsearch.model.determinism`), so its numbers are
-bit-identical too. Each consumed shard is one step of the runner's loop (rows
-written, census merged, state saved), so an interrupted run resumes with the
-shards it had not consumed, with any workers.
+here until the workers can be kept busy (`Shards.ready`), then hands every item
+to the workers as one shard that computes its whole subtree (`run_shard`), and
+consumes the results strictly in stack order. The concatenated failures are in
+exactly the single-process order, and each shard's numbers are bit-identical to
+the single process's: it starts from the same keys and values of its parents
+(a forked worker copies the driver's prefix store; a Ray task re-evaluates the
+chunks on the path down to it, as a resumed run does) and computes with the
+same fixed thread count (`advsearch.model.determinism`). Each consumed shard is
+one step of the runner's loop (rows written, census merged, state saved), so an
+interrupted run resumes with the shards it had not consumed, with any workers.
 
 Workers are the run's forked processes (`ProcessShards`) or Ray tasks
 (`advsearch.commands.scaleout`).
@@ -87,6 +88,8 @@ def sharded_steps(shards: Shards, model, strategy, evaluator: Evaluator, min_con
     """The top of the chunk tree here, then one shard per remaining todo item, consumed in visiting order."""
     while strategy.pending() and not shards.ready(strategy):
         yield local_step(strategy, evaluator, min_confidence, run_id)
+    if not strategy.pending():  # finished here
+        return
     want = SHARDS_PER_SLOT * shards.slots
     if shards.split_leaves and len(strategy.pending()) < want:  # too few items to keep the slots busy
         strategy.split_leaves(-(-want // len(strategy.pending())))
@@ -143,8 +146,8 @@ class ProcessShards:
         handle.cancel()
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
+        if self.pool is not None:  # every shard consumed, or the rest dropped: nothing to wait for
+            self.pool.close(kill=True)
 
 
 def _pooled_shard(job: ShardJob) -> tuple[Step, list[dict]]:

@@ -90,6 +90,10 @@ class WorkerPool:
             raise AdvsearchError(f"a worker process died while computing {what} (out of memory?); "
                                  "resuming the run continues from the last finished step") from None  # fmt: skip
 
-    def close(self) -> None:
-        """Stop the workers; what they had not started is dropped."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, kill: bool = False) -> None:
+        """Stop the workers once they have finished what they are computing (or at once, with `kill`);
+        what they had not started is dropped."""
+        if kill:
+            for process in list((getattr(self._pool, "_processes", None) or {}).values()):
+                process.kill()
+        self._pool.shutdown(wait=not kill, cancel_futures=True)
