@@ -201,8 +201,9 @@ def run_search(
             ) from None
     finally:
         gc.unfreeze()
+        steps.close()
         if pool is not None:
-            pool.close()
+            pool.close(kill=bool(pending))  # steps still in hand are dropped (a failure, a second Ctrl-C)
     bar.close()
     log.close()
     write_json(state_path, {"identity": identity, "finished": True, "csv_bytes": log.offset,
