@@ -137,3 +137,20 @@ def test_the_default_is_one_worker_per_usable_core_and_one_on_a_gpu():
 
     assert auto_workers("cpu") == min(usable_cpus(), MAX_AUTO_WORKERS)
     assert auto_workers("cuda:0") == 1
+
+
+def test_workers_with_a_gpu_evaluator_are_an_error_before_anything_is_written(challenge, tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from advsearch.errors import AdvsearchError
+    from advsearch.search.configs import RandomConfig
+    from advsearch.search.runner import run_search
+    from strategies import make_strategy
+
+    strategy = make_strategy("random", challenge.spec, RandomConfig(budget=10))
+    on_gpu = SimpleNamespace(device=torch.device("cuda"))
+    with pytest.raises(AdvsearchError, match="one worker"):
+        run_search(challenge, strategy, tmp_path / "run", on_gpu, workers=2)
+    assert not (tmp_path / "run").exists()

@@ -200,8 +200,6 @@ def run(ctx, strategy, model, budget, seed, out, device, batch_size, min_confide
     config = build_config(strategy, {"budget": budget, "seed": seed, "batch_size": batch_size}, options)
     search = prepare_search(loaded, strategy, config, device=device, explain=explain, minimize=minimize_rows)
     strat, evaluator = search.strategy, search.evaluator
-    if workers and workers > 1 and evaluator.device.type == "cuda":
-        raise click.UsageError("--workers above 1 needs --device cpu: CUDA does not survive the fork of a worker")
     try:
         s = run_search(loaded, strat, out, evaluator, min_confidence=min_confidence, resume=resume,
                        overwrite=overwrite, annotators=search.annotators, progress=not quiet,

@@ -109,7 +109,7 @@ def run_bench(model: LoadedModel, n: int = 100_000, batch_size: int = 512, devic
     r = _throughput(model, n, batch_size, device, census_len, workers)
     guided, guided_setup = guided_rate(model, guided_budget, device, explain=False, workers=workers)
     explained, explained_setup = guided_rate(model, guided_budget, device, explain=True, workers=workers)
-    explained_one = explained if workers == 1 else guided_rate(model, guided_budget, device, True, 1)[0]
+    explained_one = explained if workers == 1 else guided_rate(model, guided_budget, device, explain=True, workers=1)[0]
     warm = cache_enabled() and read_cached_weights(cache_key(model.sha256, model.spec), model.spec) is not None
     return r | {
         "guided_sequences": guided_budget,

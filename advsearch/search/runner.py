@@ -79,6 +79,9 @@ def run_search(
     the census shards. The run id and the results depend on neither, so a run can be resumed with other ones.
     Everything, explanations and minimization included, runs with `EVAL_THREADS` torch threads.
     """
+    if workers > 1 and evaluator.device.type == "cuda":
+        raise AdvsearchError("worker processes compute on the CPU (CUDA does not survive a fork): "
+                             "a run on the GPU takes one worker")  # fmt: skip
     spec, run_id = model.spec, run_identifier(model, strategy, min_confidence)
     out_dir = Path(out_dir) if out_dir is not None else Path("results") / run_id
     columns = FAILURE_COLUMNS + strategy.extra_columns + tuple(c for a in annotators for c in a.columns)
