@@ -148,9 +148,9 @@ class ExhaustiveStrategy(Strategy):
         items of whole parent blocks, so that shards can share it.
 
         `advsearch.model.prefix.extend` computes a chunk block by block, each block with the same
-        operations on the same inputs whatever else the chunk holds, and a run of whole blocks from the
-        start, or to the end, of a chunk is cut into the same blocks on its own: each part gives the
-        numbers the whole chunk gives, and the parts come in the chunk's order.
+        operations on the same inputs whatever else the chunk holds, and a run of a chunk's blocks is
+        cut into the same blocks on its own (every block but a chunk's last holds `BLOCK_PARENTS`
+        parents): each part gives the numbers the whole chunk gives, and the parts come in order.
         """
         t, todo = self.spec.n_letters, []
         for depth, start, stop in self.todo:

@@ -32,6 +32,17 @@ def run(args, model, out, workers, *extra):
     return json.loads((out / "summary.json").read_text())
 
 
+def interrupted(args, model, out, workers):
+    """Run, expecting the (simulated) Ctrl-C: a one-line error that says how to resume."""
+    assert "--resume" in one_line_error(invoke(*args, "--model", model, "--out", out, "--workers", workers), 130)
+
+
+def resume_to_same_files(args, model, out, workers, reference):
+    resumed = invoke(*args, "--model", model, "--out", out, "--resume", "--workers", workers)
+    assert resumed.exit_code == 0, resumed.output
+    same_files(out, reference)
+
+
 def same_files(a, b):
     names = sorted(p.name for p in a.glob("*.csv"))
     assert "failures.csv" in names and names == sorted(p.name for p in b.glob("*.csv"))
@@ -73,12 +84,10 @@ def test_a_census_cut_on_one_process_resumes_on_workers_to_the_same_bytes(one_wo
     then may it fork the workers that start from its prefix store."""
     out = tmp_path / "census"
     interrupt_judging(monkeypatch, at_call=6)  # at the second of the five chunks of leaves
-    assert "--resume" in one_line_error(invoke(*CENSUS, "--model", challenge_path, "--out", out, "--workers", 1), 130)
+    interrupted(CENSUS, challenge_path, out, 1)
     assert len(json.loads((out / "state.json").read_text())["strategy_state"]["todo"]) == 4
     monkeypatch.undo()
-    resumed = invoke(*CENSUS, "--model", challenge_path, "--out", out, "--resume", "--workers", 2)
-    assert resumed.exit_code == 0, resumed.output
-    same_files(out, one_worker / "census")
+    resume_to_same_files(CENSUS, challenge_path, out, 2, one_worker / "census")
 
 
 def test_a_census_interrupted_among_its_shards_resumes_to_the_same_bytes(one_worker, challenge_path, tmp_path,
@@ -94,12 +103,10 @@ def test_a_census_interrupted_among_its_shards_resumes_to_the_same_bytes(one_wor
         return real(self, *a)
 
     monkeypatch.setattr(ExhaustiveStrategy, "absorb", absorb_then_interrupt)
-    assert "--resume" in one_line_error(invoke(*CENSUS, "--model", challenge_path, "--out", out, "--workers", 2), 130)
+    interrupted(CENSUS, challenge_path, out, 2)
     assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
     monkeypatch.undo()
-    resumed = invoke(*CENSUS, "--model", challenge_path, "--out", out, "--resume", "--workers", 2)
-    assert resumed.exit_code == 0, resumed.output
-    same_files(out, one_worker / "census")
+    resume_to_same_files(CENSUS, challenge_path, out, 2, one_worker / "census")
 
 
 def test_explanations_and_minimization_on_workers_give_the_one_process_bytes(one_worker, challenge_path, tmp_path,
@@ -115,14 +122,12 @@ def test_an_interrupted_run_with_workers_keeps_its_steps_and_resumes_to_the_same
                                                                                         tmp_path, monkeypatch):  # fmt: skip
     out = tmp_path / "guided"
     interrupt_judging(monkeypatch, at_call=4)  # in the search loop, while earlier steps are being annotated
-    assert "--resume" in one_line_error(invoke(*GUIDED, "--model", challenge_path, "--out", out, "--workers", 2), 130)
+    interrupted(GUIDED, challenge_path, out, 2)
     state = json.loads((out / "state.json").read_text())
     assert state["counters"]["sequences"] == 180  # the 3 steps found before the interrupt were written
     assert len(rows(out / "failures.csv")) == state["counters"]["failures"] > 0
     monkeypatch.undo()
-    resumed = invoke(*GUIDED, "--model", challenge_path, "--out", out, "--resume", "--workers", 2)
-    assert resumed.exit_code == 0, resumed.output
-    same_files(out, one_worker / "guided")
+    resume_to_same_files(GUIDED, challenge_path, out, 2, one_worker / "guided")
 
 
 def test_a_worker_that_dies_is_a_one_line_error(challenge_path, tmp_path, monkeypatch):
