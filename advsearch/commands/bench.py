@@ -19,7 +19,7 @@ import torch
 
 from advsearch.errors import AdvsearchError
 from advsearch.model.checkpoint import LoadedModel, read_cached_weights
-from advsearch.model.evaluator import Evaluator
+from advsearch.model.evaluator import Evaluator, resolve_device
 from advsearch.model.weights_cache import cache_enabled, cache_key
 
 
@@ -105,7 +105,7 @@ def run_bench(model: LoadedModel, n: int = 100_000, batch_size: int = 512, devic
     """
     from advsearch.search.workers import auto_workers
 
-    workers = workers or auto_workers(Evaluator(model.weights, device=device).device)
+    workers = workers or auto_workers(resolve_device(device))
     r = _throughput(model, n, batch_size, device, census_len, workers)
     guided, guided_setup = guided_rate(model, guided_budget, device, explain=False, workers=workers)
     explained, explained_setup = guided_rate(model, guided_budget, device, explain=True, workers=workers)

@@ -475,11 +475,11 @@ class Explainer:
         all_controls[rows] = control_set
         control = torch.where(all_controls[:, 0] >= 0, (~ctrl_fix).long(), 2).tolist()  # CONTROL_RESULTS
         st = self._structures(toks, seq, pos, truth, pred)
-        att = self._duplicate_attention(clean, st.matter_letters)
+        detector_att = self._duplicate_attention(clean, st.matter_letters)
         return _Measured(
             seq=seq.tolist(), pos=pos.tolist(), toks=toks.tolist(), truth=truth.tolist(), pred=pred.tolist(),
             logit_true=logits[ar, truth].tolist(), logit_pred=logits[ar, pred].tolist(), at_true=at_t, at_pred=at_p,
-            deciding=deciding, detector_att=att.transpose(1, 2).tolist(), structure=st,
+            deciding=deciding, detector_att=detector_att.transpose(1, 2).tolist(), structure=st,
             named=_sets(named_set), check=[CHECK_RESULTS[c] for c in check], effect=named_eff.tolist(),
             control_set=_sets(all_controls), control=[CONTROL_RESULTS[c] for c in control],
             control_effect=ctrl_eff.tolist(),

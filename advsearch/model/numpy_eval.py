@@ -66,7 +66,7 @@ def forward(w: dict[str, np.ndarray], eps: float, ids: list[int]) -> np.ndarray:
 
 def table_lines(text: str, vocab: str, true: list[int], pred: list[int], p_pred: list[float],
                 p_true: list[float]) -> list[str]:  # fmt: skip
-    """The lines `advsearch eval` prints for one sequence ."""
+    """The lines `advsearch eval` prints for one sequence."""
     lines = [text, "pos  in  true  pred  p_pred  p_true"]
     failures = 0
     for k in range(len(text)):
@@ -119,6 +119,7 @@ def eval_lines(sequences: list[str], model: str | Path | None) -> list[str]:
         loaded = load_model(model)
         found = (loaded.spec, loaded.weights.arrays(), loaded.weights.eps)
     spec, w, eps = found
+    w = {n: np.asarray(a, dtype=np.float64) for n, a in w.items()}  # once, not per sequence (`forward` reuses them)
     for text in sequences:
         spec.token_ids(text)
     return [line for text in sequences for line in judged_table(text, spec, w, eps)]
