@@ -149,6 +149,7 @@ def test_bench_reports_throughputs_guided_runs_and_startup(challenge_path):
         assert data[f"{name}_ratio"] == pytest.approx(data[f"{name}_seq_per_s"] / data["fused_seq_per_s"], rel=0.05)
     assert data["startup_s"] > 0 and data["startup_runs"] == 1
     assert data["startup_warm_cache"] is True  # bench loaded the model first, so the cache is warm
+    assert data["startup_cold_s"] > data["startup_s"]  # an empty cache: torch is imported, the weights processed
 
 
 def test_bench_text_output_names_every_measure(challenge_path):
@@ -156,7 +157,7 @@ def test_bench_text_output_names_every_measure(challenge_path):
                "--startup-runs", 1)  # fmt: skip
     assert r.exit_code == 0, r.output
     assert [line.split()[0] for line in r.output.splitlines()[1:]] == [
-        "bridge", "fused", "census", "guided", "explained", "start-up", "peak"]  # fmt: skip
+        "bridge", "fused", "census", "guided", "explained", "start-up", "cold", "peak"]  # fmt: skip
 
 
 def test_help_does_not_import_torch():

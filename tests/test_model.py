@@ -10,17 +10,20 @@ import torch
 from advsearch.errors import AdvsearchError
 from advsearch.model.checkpoint import (
     WEIGHT_NAMES,
+    build_bridge,
     load_model,
+    process_weights,
     read_cached_weights,
     read_state_dict,
-    validate_state_dict,  # fmt: skip
+    validate_state_dict,
+    weights_from_bridge,  # fmt: skip
 )
 from advsearch.model.evaluator import Evaluator
 from advsearch.model.judge import judge
 from advsearch.model.spec import ModelSpec
-from advsearch.model.weights_cache import cache_dir, cache_key, cache_path, processed_shapes
+from advsearch.model.weights_cache import DEFAULT_MODEL, cache_dir, cache_key, cache_path, processed_shapes
 
-from .conftest import reference_tokens
+from .conftest import OTHER_SEED_MODEL, reference_tokens
 
 
 def test_reference_figures_on_the_challenge_checkpoint(challenge):
@@ -102,17 +105,26 @@ def _weights_equal(a, b) -> bool:
     return a.eps == b.eps and all(torch.equal(getattr(a, n), getattr(b, n)) for n in WEIGHT_NAMES)
 
 
-def test_cache_hit_gives_the_fresh_weights_without_transformer_lens(tmp_path, monkeypatch, challenge_path):
+@pytest.mark.parametrize("checkpoint", ["challenge", "other seed", "embedded default"])
+def test_processing_gives_the_bridges_weights_bit_for_bit(checkpoint, challenge_path):
+    path = {"challenge": challenge_path, "other seed": OTHER_SEED_MODEL, "embedded default": DEFAULT_MODEL}[checkpoint]
+    state = read_state_dict(path)
+    spec = ModelSpec.for_checkpoint(path)
+    assert _weights_equal(process_weights(state, spec), weights_from_bridge(build_bridge(state, spec)))
+
+
+def test_loading_imports_transformer_lens_for_the_bridge_only(tmp_path, monkeypatch, challenge_path):
     monkeypatch.setenv("ADVSEARCH_CACHE_DIR", str(tmp_path / "cache"))
-    assert _load_in_subprocess(challenge_path)[0], "a cold cache builds the bridge"
+    imported, w_e_cold = _load_in_subprocess(challenge_path)
+    assert not imported, "a cold cache must not import transformer_lens"
     assert len(list((tmp_path / "cache").glob("weights-*.npz"))) == 1
     imported, w_e = _load_in_subprocess(challenge_path)
-    assert not imported, "a warm cache must not import transformer_lens"
+    assert not imported and w_e == w_e_cold
     hit = load_model(challenge_path)
-    assert not hit.bridge_built
+    assert hit.from_cache and not hit.bridge_built
     monkeypatch.setenv("ADVSEARCH_NO_CACHE", "1")
     fresh = load_model(challenge_path)
-    assert fresh.bridge_built and _weights_equal(hit.weights, fresh.weights)
+    assert not fresh.from_cache and not fresh.bridge_built and _weights_equal(hit.weights, fresh.weights)
     assert torch.equal(torch.tensor(w_e), fresh.weights.W_E)
     toks = reference_tokens(20)
     with torch.inference_mode():  # the lazily built bridge is the same model
@@ -194,7 +206,7 @@ def test_a_spoiled_cache_file_is_rebuilt_not_trusted(tmp_path, monkeypatch, chal
     spoil(path, key, challenge.spec, challenge.weights)
     assert read_cached_weights(key, challenge.spec) is None
     loaded = load_model(challenge_path)
-    assert loaded.bridge_built, "the spoiled file was not used"
+    assert not loaded.from_cache, "the spoiled file was not used"
     assert _weights_equal(loaded.weights, challenge.weights)
     assert _weights_equal(read_cached_weights(key, challenge.spec), challenge.weights), "the file was rewritten"
     assert [p.name for p in tmp_path.iterdir()] == [path.name], "no temporary file is left behind"
@@ -206,11 +218,11 @@ def test_unwritable_cache_and_no_cache_are_bypassed(tmp_path, monkeypatch, chall
     assert _weights_equal(load_model(challenge_path).weights, challenge.weights)
     monkeypatch.setenv("ADVSEARCH_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("ADVSEARCH_NO_CACHE", "1")
-    assert load_model(challenge_path).bridge_built
+    assert not load_model(challenge_path).from_cache
     assert not (tmp_path / "cache").exists(), "ADVSEARCH_NO_CACHE writes nothing"
     monkeypatch.setenv("ADVSEARCH_NO_CACHE", "0")
-    load_model(challenge_path)
-    assert not load_model(challenge_path).bridge_built
+    assert not load_model(challenge_path).from_cache
+    assert load_model(challenge_path).from_cache
 
 
 def test_no_home_folder_means_no_cache(monkeypatch, challenge_path, challenge):
@@ -221,7 +233,7 @@ def test_no_home_folder_means_no_cache(monkeypatch, challenge_path, challenge):
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setattr(Path, "home", staticmethod(no_home))
     loaded = load_model(challenge_path)
-    assert loaded.bridge_built and _weights_equal(loaded.weights, challenge.weights)
+    assert not loaded.from_cache and _weights_equal(loaded.weights, challenge.weights)
 
 
 def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
@@ -247,7 +259,7 @@ def test_a_warm_cache_still_validates_the_checkpoint(tmp_path, challenge_path):
     ckpt = tmp_path / "m.pt"
     ckpt.write_bytes(challenge_path.read_bytes())
     load_model(ckpt)
-    assert not load_model(ckpt).bridge_built  # the cache is warm
+    assert load_model(ckpt).from_cache
     (tmp_path / "m.pt.json").write_text(json.dumps({"spec": {"n_heads": 6, "d_head": 7}}))
     with pytest.raises(AdvsearchError, match=r"W_Q has shape \[3, 42, 14\], expected \[6, 42, 7\]"):
         load_model(ckpt)

@@ -213,7 +213,7 @@ def test_the_torch_path_reads_the_cache_as_the_same_tensors(tmp_path, monkeypatc
     monkeypatch.setenv("ADVSEARCH_CACHE_DIR", str(tmp_path))
     load_model(challenge_path)  # writes the entry
     hit = load_model(challenge_path)
-    assert not hit.bridge_built
+    assert hit.from_cache
     for n in WEIGHT_NAMES:
         got, want = getattr(hit.weights, n), getattr(challenge.weights, n)
         assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want), n

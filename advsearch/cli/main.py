@@ -333,6 +333,7 @@ def bench(model, device, n, batch_size, census_len, guided_budget, startup_runs,
     cache = "warm" if r["startup_warm_cache"] else "no"
     click.echo(f"start-up {r['startup_s']:>10.2f} s       (advsearch eval, median of {r['startup_runs']}, {cache} "
                f"weights cache)")  # fmt: skip
+    click.echo(f"cold     {r['startup_cold_s']:>10.2f} s       (the same with an empty weights cache)")
     click.echo(f"peak RSS {r['peak_rss_mb']:>10,} MB")
 
 

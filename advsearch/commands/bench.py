@@ -29,21 +29,24 @@ def _rate(fn, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def startup_seconds(model: LoadedModel, runs: int = 3) -> float:
+def startup_seconds(model: LoadedModel, runs: int = 3, cold: bool = False) -> float:
     """Median wall time of `python -m advsearch.cli.main eval SEQ --model PATH` in a fresh process.
 
     It is what a user waits for before any work. With the processed weights cached (as `run_bench`
     leaves them), `eval` hashes the checkpoint and runs a numpy forward without importing torch
-    (`advsearch.numpy_eval`); without them it imports torch, validates the checkpoint and processes it.
+    (`advsearch.numpy_eval`); without them (`cold`: each run gets an empty cache folder) it imports
+    torch, validates the checkpoint and processes it.
     """
     spec = model.spec
     seq = ("?" + "".join(spec.vocab[i % spec.n_letters] for i in (0, 1, 2, 0, 1)))[: spec.seq_len]
     cmd = [sys.executable, "-m", "advsearch.cli.main", "eval", seq, "--model", str(model.path)]
     times = []
     for _ in range(runs):
-        start = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-        times.append(time.perf_counter() - start)
+        with tempfile.TemporaryDirectory(prefix="advsearch-bench-cache-") as empty:
+            env = os.environ | ({"ADVSEARCH_CACHE_DIR": empty} if cold else {})
+            start = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            times.append(time.perf_counter() - start)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no message"])[-1]
             raise AdvsearchError(f"start-up measurement failed: advsearch eval exited {done.returncode}: {last}")
@@ -122,6 +125,7 @@ def run_bench(model: LoadedModel, n: int = 100_000, batch_size: int = 512, devic
         "guided_explained_setup_s": round(explained_setup, 2),
         "startup_s": round(startup_seconds(model, startup_runs), 2),
         "startup_runs": startup_runs,
+        "startup_cold_s": round(startup_seconds(model, startup_runs, cold=True), 2),
         "startup_warm_cache": warm,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }

@@ -121,13 +121,12 @@ def focus_accuracy(model: RawTransformer, tokens: torch.Tensor, lengths: torch.T
 
 def loaded_from_raw(model: RawTransformer, name: str = "<in training>"):
     """A `LoadedModel` (processed weights, bridge) of the raw model's current weights, no file written."""
-    from advsearch.model.checkpoint import LoadedModel, build_bridge, weights_from_bridge
+    from advsearch.model.checkpoint import LoadedModel, process_weights
 
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    bridge = build_bridge(state, model.spec)
     digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in state.values())).hexdigest()
-    return LoadedModel(spec=model.spec, path=Path(name), sha256=digest, bridge=bridge,
-                       weights=weights_from_bridge(bridge))  # fmt: skip
+    return LoadedModel(spec=model.spec, path=Path(name), sha256=digest, weights=process_weights(state, model.spec),
+                       state=state)  # fmt: skip
 
 
 @torch.no_grad()

@@ -1,16 +1,19 @@
-"""Checkpoint loading: validate a HookedTransformer-format state dict, build the
-TransformerLens bridge with the authors' weight processing, and expose the
-processed weights that the fused evaluator and the mechanism module read.
+"""Checkpoint loading: validate a HookedTransformer-format state dict, apply the
+authors' weight processing, expose the processed weights that the fused
+evaluator and the mechanism module read, and build the TransformerLens bridge
+(the reference forward and the hooks) when something asks for it.
 
-Importing TransformerLens and processing the weights takes seconds, while the
-fused evaluator needs only the processed tensors (a few kB). So `load_model`
-keeps those tensors in a cache (`advsearch.model.weights_cache`: an `.npz` file keyed
-by the checkpoint's sha256, its spec, the versions of advsearch, torch and
-TransformerLens and the code), and builds the bridge only when something asks
-for `LoadedModel.bridge`. A cache file that is corrupt, records another key or
-holds a wrong-shaped or non-finite array is rebuilt, and a cache folder that
-cannot be written is skipped. The format needs no torch to read, which lets
-`advsearch eval` answer from a warm cache without importing torch.
+`process_weights` is the processing the bridge applies (fold_ln,
+center_writing_weights, center_unembed, fold_value_biases), computed in the
+memory layouts the bridge computes it in, so its tensors are the bridge's bit
+for bit (tests/test_model.py holds it to them) without importing TransformerLens,
+which alone takes seconds. `load_model` also keeps the processed tensors in a
+cache (`advsearch.model.weights_cache`: an `.npz` file keyed by the checkpoint's
+sha256, its spec, the versions of advsearch, torch and TransformerLens and the
+code): its format needs no torch to read, which lets `advsearch eval` answer from
+a warm cache without importing torch. A cache file that is corrupt, records
+another key or holds a wrong-shaped or non-finite array is rebuilt, and a cache
+folder that cannot be written is skipped.
 """
 
 from __future__ import annotations
@@ -106,13 +109,14 @@ class LoadedModel:
     `bridge` (a processed TransformerLens TransformerBridge in eval mode: the reference
     forward and the hooks) is built on first access, from `state` (the validated raw state
     dict) or else by re-reading `path`; commands that only run the fused evaluator on
-    `weights` therefore never import TransformerLens.
+    `weights` therefore never import TransformerLens. `from_cache` says whether `weights`
+    were read from the weights cache.
     """
 
     def __init__(self, spec: ModelSpec, path: Path, sha256: str, weights: Weights, bridge=None,
-                 state: dict | None = None) -> None:  # fmt: skip
+                 state: dict | None = None, from_cache: bool = False) -> None:  # fmt: skip
         self.spec, self.path, self.sha256, self.weights = spec, path, sha256, weights
-        self._bridge, self._state = bridge, state
+        self._bridge, self._state, self.from_cache = bridge, state, from_cache
 
     @property
     def bridge(self):
@@ -179,6 +183,53 @@ def build_bridge(state: dict, spec: ModelSpec):
     return bridge
 
 
+@eval_threads()
+def process_weights(state: dict, spec: ModelSpec) -> Weights:
+    """The processed weights of a validated raw state dict: what `weights_from_bridge(build_bridge(state,
+    spec))` gives, bit for bit, without TransformerLens.
+
+    HookedTransformer's load-time processing, in its order: LayerNorm folded into the next layer
+    (ln1 into W_Q/K/V and their biases, which are then centred over d_model; ln_final into W_U and
+    b_U), the writing weights (W_E, W_pos, W_O, b_O) centred, the unembedding centred over the
+    vocabulary, and b_V folded into b_O. The bridge computes each step on tensors laid out as its
+    linear layers store them (q/k/v as [heads*d_head, d_model], o as [d_model, heads*d_head], the
+    unembedding as [vocab, d_model]), and the order of a reduction's sum follows the layout; so do
+    these.
+    """
+
+    def stored_as(w: torch.Tensor, *order: int) -> torch.Tensor:  # the same values, dims laid out in `order`
+        return w.permute(*order).contiguous().permute(*[order.index(i) for i in range(w.dim())])
+
+    per_layer: dict[str, list[torch.Tensor]] = {n: [] for n in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O")}
+    for layer in range(spec.n_layers):
+        p = f"blocks.{layer}."
+        ln_w, ln_b = state[p + "ln1.w"], state[p + "ln1.b"]
+        for m in "QKV":
+            w = stored_as(state[p + f"attn.W_{m}"], 0, 2, 1)
+            per_layer[f"b_{m}"].append(state[p + f"attn.b_{m}"] + (w * ln_b[None, :, None]).sum(-2))
+            w = w * ln_w[None, :, None]
+            per_layer[f"W_{m}"].append(w - w.mean(1, keepdim=True))
+        W_O = stored_as(state[p + "attn.W_O"], 2, 0, 1)
+        W_O = W_O - W_O.mean(-1, keepdim=True)
+        b_O = state[p + "attn.b_O"] - state[p + "attn.b_O"].mean()
+        b_O = b_O + (per_layer["b_V"][-1][:, :, None] * W_O).sum([0, 1])
+        per_layer["b_V"][-1] = torch.zeros_like(per_layer["b_V"][-1])
+        per_layer["W_O"].append(W_O)
+        per_layer["b_O"].append(b_O - b_O.mean())
+    W_U = stored_as(state["unembed.W_U"], 1, 0)
+    b_U = state["unembed.b_U"] + (W_U * state["ln_final.b"][:, None]).sum(-2)
+    W_U = W_U * state["ln_final.w"][:, None]
+    W_U = W_U - W_U.mean(0, keepdim=True)
+    W_E, W_pos = state["embed.W_E"], state["pos_embed.W_pos"]
+    return Weights(
+        W_E=W_E - W_E.mean(-1, keepdim=True),
+        W_pos=W_pos - W_pos.mean(-1, keepdim=True),
+        **{n: torch.stack(ts).contiguous() for n, ts in per_layer.items()},
+        W_U=(W_U - W_U.mean(-1, keepdim=True)).contiguous(),
+        b_U=b_U - b_U.mean(),
+    )
+
+
 def weights_from_bridge(bridge) -> Weights:
     def stack(name: str) -> torch.Tensor:
         return torch.stack([getattr(block.attn, name).detach().clone() for block in bridge.blocks])
@@ -213,7 +264,7 @@ def load_model(model: str | Path | None = None) -> LoadedModel:
 
     The state dict is read and validated every time (a bad checkpoint is a one-line error);
     the processed weights come from the cache when it holds them for this exact checkpoint,
-    spec and set of versions, and are otherwise computed through the bridge and cached.
+    spec and set of versions, and are otherwise computed (`process_weights`) and cached.
     `$ADVSEARCH_NO_CACHE=1` skips the cache both ways.
     """
     path = resolve_model_path(model)
@@ -225,9 +276,8 @@ def load_model(model: str | Path | None = None) -> LoadedModel:
     key = cache_key(sha, spec)
     weights = read_cached_weights(key, spec) if use_cache else None
     if weights is not None:
-        return LoadedModel(spec=spec, path=path, sha256=sha, weights=weights, state=state)
-    bridge = build_bridge(state, spec)
-    weights = weights_from_bridge(bridge)
+        return LoadedModel(spec=spec, path=path, sha256=sha, weights=weights, state=state, from_cache=True)
+    weights = process_weights(state, spec)
     if use_cache:
         write_cached_weights(key, weights)
-    return LoadedModel(spec=spec, path=path, sha256=sha, weights=weights, bridge=bridge, state=state)
+    return LoadedModel(spec=spec, path=path, sha256=sha, weights=weights, state=state)

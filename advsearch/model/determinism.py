@@ -13,7 +13,7 @@ thread) in the 6th significant digit of probabilities.
 So the evaluation always runs with `EVAL_THREADS` intra-op threads, whatever
 OMP_NUM_THREADS, the core count or an earlier `torch.set_num_threads` says: the
 `run` command, the runner, the evaluator, Ray shards and the checkpoint's
-processing (`advsearch.model.checkpoint.build_bridge`) enter `eval_threads()`, and
+processing (`advsearch.model.checkpoint.process_weights`, `build_bridge`) enter `eval_threads()`, and
 `summary.json` records the count. One thread is what a Ray task with one CPU
 has anyway, and on a shared, busy machine it was also the faster setting
 (two OpenMP threads contending with other processes spin).

@@ -1,7 +1,7 @@
 """Where the checkpoint and its processed-weights cache live, and the cache file format, without torch.
 
-Processing a checkpoint (TransformerLens, `advsearch.model.checkpoint`) takes seconds, and importing torch alone
-about as long, while the processed weights are a few kB. They are therefore cached as one `.npz` file
+Processing a checkpoint (`advsearch.model.checkpoint`) needs torch, whose import alone takes about a second,
+while the processed weights are a few kB. They are therefore cached as one `.npz` file
 per checkpoint: float32 arrays under the `advsearch.model.checkpoint.Weights` field names, plus `eps` and `key`
 (the JSON of `cache_key`). numpy reads that format, so `advsearch eval` can find and use the weights
 without importing torch (`advsearch.model.numpy_eval`), and `advsearch.model.checkpoint` turns the same arrays into
