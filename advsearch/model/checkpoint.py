@@ -189,8 +189,8 @@ def process_weights(state: dict, spec: ModelSpec) -> Weights:
     spec))` gives, bit for bit, without TransformerLens.
 
     HookedTransformer's load-time processing, in its order: LayerNorm folded into the next layer
-    (ln1 into W_Q/K/V and their biases, which are then centred over d_model; ln_final into W_U and
-    b_U), the writing weights (W_E, W_pos, W_O, b_O) centred, the unembedding centred over the
+    (ln1 into W_Q/K/V and their biases, ln_final into W_U and b_U; the weights then centred over
+    d_model), the writing weights (W_E, W_pos, W_O, b_O) centred, the unembedding centred over the
     vocabulary, and b_V folded into b_O. The bridge computes each step on tensors laid out as its
     linear layers store them (q/k/v as [heads*d_head, d_model], o as [d_model, heads*d_head], the
     unembedding as [vocab, d_model]), and the order of a reduction's sum follows the layout; so do
@@ -200,20 +200,23 @@ def process_weights(state: dict, spec: ModelSpec) -> Weights:
     def stored_as(w: torch.Tensor, *order: int) -> torch.Tensor:  # the same values, dims laid out in `order`
         return w.permute(*order).contiguous().permute(*[order.index(i) for i in range(w.dim())])
 
-    per_layer: dict[str, list[torch.Tensor]] = {n: [] for n in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O")}
+    per_layer: dict[str, list] = {n: [] for n in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O")}
     for layer in range(spec.n_layers):
         p = f"blocks.{layer}."
         ln_w, ln_b = state[p + "ln1.w"], state[p + "ln1.b"]
+        biases = {}
         for m in "QKV":
             w = stored_as(state[p + f"attn.W_{m}"], 0, 2, 1)
-            per_layer[f"b_{m}"].append(state[p + f"attn.b_{m}"] + (w * ln_b[None, :, None]).sum(-2))
+            biases[m] = state[p + f"attn.b_{m}"] + (w * ln_b[None, :, None]).sum(-2)
             w = w * ln_w[None, :, None]
             per_layer[f"W_{m}"].append(w - w.mean(1, keepdim=True))
         W_O = stored_as(state[p + "attn.W_O"], 2, 0, 1)
         W_O = W_O - W_O.mean(-1, keepdim=True)
         b_O = state[p + "attn.b_O"] - state[p + "attn.b_O"].mean()
-        b_O = b_O + (per_layer["b_V"][-1][:, :, None] * W_O).sum([0, 1])
-        per_layer["b_V"][-1] = torch.zeros_like(per_layer["b_V"][-1])
+        b_O = b_O + (biases["V"][:, :, None] * W_O).sum([0, 1])  # b_V folded into b_O
+        per_layer["b_Q"].append(biases["Q"])
+        per_layer["b_K"].append(biases["K"])
+        per_layer["b_V"].append(torch.zeros_like(biases["V"]))
         per_layer["W_O"].append(W_O)
         per_layer["b_O"].append(b_O - b_O.mean())
     W_U = stored_as(state["unembed.W_U"], 1, 0)
