@@ -72,11 +72,23 @@ class Constructor:
             out.append(pool[r])
         return out
 
+    def shuffle(self, x: list[int]) -> None:
+        """`rng.shuffle(x)`, with `_randbelow` made inline as in `draw`: the same order from the same random
+        bits (tests/test_guided.py holds it to `shuffle`)."""
+        getrandbits = self.rng.getrandbits
+        for i in range(len(x) - 1, 0, -1):
+            size = i + 1
+            bits = size.bit_length()
+            r = getrandbits(bits)
+            while r >= size:
+                r = getrandbits(bits)
+            x[i], x[r] = x[r], x[i]
+
     def copies(self, pool: list[int], n: int) -> list[int]:
         """n letters drawn from pool, shuffled, every drawn letter at least twice."""
         body = self.draw(pool, max(n, 2))
         body += [t for t in set(body) if body.count(t) == 1]
-        self.rng.shuffle(body)
+        self.shuffle(body)
         return body
 
     def finish(self, seq: list[int], pool: list[int]) -> list[int]:

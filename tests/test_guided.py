@@ -181,3 +181,20 @@ def test_draw_is_random_choice_bit_for_bit():
             assert a.getstate() == b.getstate()
     with pytest.raises(IndexError):
         c.draw([], 1)
+
+
+def test_shuffle_is_random_shuffle_bit_for_bit():
+    """`Constructor.shuffle` replaces `rng.shuffle`: the same order and the generator left in the same state."""
+    import random
+
+    from strategies.guided import Constructor
+
+    for n in (0, 1, 2, 3, 8, 9, 17, 40):
+        a, b = random.Random(n), random.Random(n)
+        c = Constructor.__new__(Constructor)
+        c.rng = a
+        for _ in range(3):
+            x, y = list(range(n)), list(range(n))
+            c.shuffle(x)
+            b.shuffle(y)
+            assert x == y and a.getstate() == b.getstate()
