@@ -42,7 +42,8 @@ def startup_seconds(model: LoadedModel, runs: int = 3, cold: bool = False) -> fl
     cmd = [sys.executable, "-m", "advsearch.cli.main", "eval", seq, "--model", str(model.path)]
     times = []
     for _ in range(runs):
-        with tempfile.TemporaryDirectory(prefix="advsearch-bench-cache-") as empty:
+        folder = tempfile.TemporaryDirectory(prefix="advsearch-bench-cache-") if cold else contextlib.nullcontext()
+        with folder as empty:
             env = os.environ | ({"ADVSEARCH_CACHE_DIR": empty} if cold else {})
             start = time.perf_counter()
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)

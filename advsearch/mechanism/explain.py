@@ -635,7 +635,7 @@ class Explainer:
         order = sorted((x for x in range(q) if counts[x]), key=first.__getitem__)
         load = st.load[n].tolist()
         load_letters = [x for x in order if load[x]]
-        cat, reason = self._categorise(p, t, pr, st.category[n], counts, st.rt[n], st.rp[n], load_letters)
+        cat = st.category[n]
         P = self.comp.n_paths
         at_t, at_p = m.at_true[n].tolist(), m.at_pred[n].tolist()
         paths = {x: {"true": a, "pred": b} for x, a, b in zip(names[:P], at_t, at_p)}
@@ -649,7 +649,7 @@ class Explainer:
             true=V[t],
             predicted=V[pr],
             category=cat,
-            reason=reason,
+            reason=self._reason(p, t, pr, cat, counts, st.rt[n], st.rp[n], load_letters),
             resp_head_true=st.rt[n],
             resp_head_pred=st.rp[n],
             load=len(load_letters),
@@ -672,11 +672,11 @@ class Explainer:
             absent=[V[x] for x in range(q) if counts[x] == 0],
         )
 
-    def _categorise(self, p: list[int], t: int, pr: int, cat: str, counts: list[int], rt: int | None,
-                    rp: int | None, load_letters: list[int]) -> tuple[str, str]:  # fmt: skip
-        """The category (`_structures`) and the reason it gives, in words."""
+    def _reason(self, p: list[int], t: int, pr: int, cat: str, counts: list[int], rt: int | None,
+                rp: int | None, load_letters: list[int]) -> str:  # fmt: skip
+        """In words, why the item is in its category `cat` (`_structures` decides it)."""
         V = self.spec.vocab
-        reason = {
+        return {
             "correct": lambda: "the model predicts the truth here",
             "qmark_expected": lambda: f"every letter is duplicated, yet {V[pr]!r} ({counts[pr]} copies) beat '?'",
             "absent_letter_predicted": lambda: (
@@ -698,7 +698,6 @@ class Explainer:
             "set_mate_predicted": lambda: f"{V[pr]!r}, absent, is a set-mate of the unique {V[t]!r} under {_head(rt)}",
             "other": lambda: f"{V[pr]!r}, absent and of another head's set, beat the unique {V[t]!r}",
         }[cat]()
-        return cat, reason
 
     def _detectors(self, letters: list[int], att: list[list[float]]) -> str:
         """For each duplicated letter `letters[i]`, the layer-0 heads that flagged (attention from its latest

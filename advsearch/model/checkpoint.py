@@ -278,9 +278,9 @@ def load_model(model: str | Path | None = None) -> LoadedModel:
     use_cache = cache_enabled()
     key = cache_key(sha, spec)
     weights = read_cached_weights(key, spec) if use_cache else None
-    if weights is not None:
-        return LoadedModel(spec=spec, path=path, sha256=sha, weights=weights, state=state, from_cache=True)
-    weights = process_weights(state, spec)
-    if use_cache:
-        write_cached_weights(key, weights)
-    return LoadedModel(spec=spec, path=path, sha256=sha, weights=weights, state=state)
+    from_cache = weights is not None
+    if not from_cache:
+        weights = process_weights(state, spec)
+        if use_cache:
+            write_cached_weights(key, weights)
+    return LoadedModel(spec=spec, path=path, sha256=sha, weights=weights, state=state, from_cache=from_cache)
