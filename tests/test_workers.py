@@ -1,7 +1,8 @@
 """Worker processes change how fast a run goes, never what it writes.
 
 Each run is computed with one worker (everything in this process) and with several: census shards on
-forked processes, explanations and minimization on forked workers while the search goes on. Every
+forked processes, explanations and minimization on forked workers while the search goes on, and the
+batches of a run without annotations shared between the run and its workers. Every
 file must be byte-identical, interrupted runs must keep what they found and resume to the same bytes,
 and a worker that dies is a one-line error.
 """
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.skipif(not can_fork(), reason="worker processes need fo
 CENSUS = ["run", "--strategy", "exhaustive", "--max-len", 5, "--batch-size", 20_000, "--no-explain", "--quiet"]
 # Explanations and minimization of 6 steps of 60 sequences, several of them in flight at once.
 GUIDED = ["run", "--strategy", "guided", "--budget", 360, "--batch-size", 60, "--minimize", "--quiet"]
+# No annotations: each batch (4,096 sequences, then 904: 8 and 2 of the evaluator's chunks) shared out.
+RANDOM = ["run", "--strategy", "random", "--budget", 5000, "--seed", 3, "--no-explain", "--quiet"]
 
 
 def run(args, model, out, workers, *extra):
@@ -53,7 +56,7 @@ def same_files(a, b):
 @pytest.fixture(scope="module")
 def one_worker(challenge_path, tmp_path_factory):
     base = tmp_path_factory.mktemp("one-worker")
-    for name, args in (("census", CENSUS), ("guided", GUIDED)):
+    for name, args in (("census", CENSUS), ("guided", GUIDED), ("random", RANDOM)):
         run(args, challenge_path, base / name, 1)
     assert len(rows(base / "census" / "failures.csv")) > 50
     guided = rows(base / "guided" / "failures.csv")
@@ -130,11 +133,45 @@ def test_an_interrupted_run_with_workers_keeps_its_steps_and_resumes_to_the_same
     resume_to_same_files(GUIDED, challenge_path, out, 2, one_worker / "guided")
 
 
+@pytest.mark.parametrize("workers", [2, 3])
+def test_batches_shared_with_workers_give_the_one_process_bytes(workers, one_worker, challenge_path, tmp_path,
+                                                                monkeypatch):  # fmt: skip
+    from advsearch.search.workers import WorkerPool, _logits_here
+
+    parts, real = [], WorkerPool.submit
+
+    def counting(self, fn, *args):
+        if fn is _logits_here:
+            parts.append(len(args[0]))
+        return real(self, fn, *args)
+
+    monkeypatch.setattr(WorkerPool, "submit", counting)
+    run(RANDOM, challenge_path, tmp_path / "random", workers)
+    same_files(tmp_path / "random", one_worker / "random")
+    # the run computes the first part of each batch, its workers-1 workers the others
+    assert parts == ([2048, 392] if workers == 2 else [1536, 1024, 392])
+
+
+def test_an_interrupted_run_sharing_its_batches_resumes_to_the_same_bytes(one_worker, challenge_path, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    out = tmp_path / "random"
+    interrupt_judging(monkeypatch, at_call=2)
+    interrupted(RANDOM, challenge_path, out, 2)
+    assert json.loads((out / "state.json").read_text())["counters"]["sequences"] == 4096
+    monkeypatch.undo()
+    resume_to_same_files(RANDOM, challenge_path, out, 2, one_worker / "random")
+
+
 def test_a_worker_that_dies_is_a_one_line_error(challenge_path, tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "run_shard", lambda *a, **k: os._exit(3))  # in the forked worker
     line = one_line_error(invoke(*CENSUS, "--model", challenge_path, "--out", tmp_path / "c", "--workers", 2))
     assert "worker process died" in line and "census shard" in line and "resuming" in line
     assert json.loads((tmp_path / "c" / "state.json").read_text())["finished"] is False
+    from advsearch.search import workers
+
+    monkeypatch.setattr(workers, "shared", lambda: os._exit(3))  # in the forked worker, at its first part
+    line = one_line_error(invoke(*RANDOM, "--model", challenge_path, "--out", tmp_path / "r", "--workers", 2))
+    assert "worker process died" in line and "evaluation" in line and "resuming" in line
 
 
 def test_the_default_is_one_worker_per_usable_core_and_one_on_a_gpu():

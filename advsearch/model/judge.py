@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -42,7 +43,17 @@ class Judged:
     failure: torch.Tensor
     confident: torch.Tensor
     judged: torch.Tensor
-    logits: torch.Tensor | None = None  # [batch, seq, vocab] (0 where not judged), for objectives
+    scored: torch.Tensor | None = None  # [batch, k, vocab]: the logits of the last k positions (k = seq: all)
+
+    @cached_property
+    def logits(self) -> torch.Tensor | None:
+        """[batch, seq, vocab] logits (0 at positions without logits), for objectives. Padded on first
+        read: the census judges millions of last positions and never reads them."""
+        if self.scored is None or self.scored.shape[1] == self.tokens.shape[1]:
+            return self.scored
+        full = self.scored.new_zeros(*self.tokens.shape, self.scored.shape[-1])
+        full[:, -self.scored.shape[1] :] = self.scored
+        return full
 
     def hits(self, threshold: float = YIELD_CONFIDENCE) -> torch.Tensor:
         """[batch] bool: the sequence has a judged failure with p_pred >= threshold."""
@@ -90,8 +101,6 @@ def _judge_general(tokens: torch.Tensor, logits: torch.Tensor, qmark: int, min_c
     logits = logits.float()
     pred = torch.zeros_like(true)
     pred[:, first:] = logits.argmax(-1)
-    full_logits = torch.zeros(batch, seq, logits.shape[-1])
-    full_logits[:, first:] = logits
     probs, last_true = logits.softmax(-1), true[:, first:]
     p_true, p_pred, margin = (torch.zeros(batch, seq) for _ in range(3))
     p_true[:, first:] = probs.gather(-1, last_true.unsqueeze(-1)).squeeze(-1)
@@ -101,7 +110,7 @@ def _judge_general(tokens: torch.Tensor, logits: torch.Tensor, qmark: int, min_c
     judged[:, judge_from:] = True
     failure = (pred != true) & judged
     return Judged(tokens, true, pred, p_true, p_pred, margin, failure, failure & (p_pred >= min_confidence), judged,
-                  full_logits)
+                  logits)
 
 
 # The two shapes the search loop judges, computed with the operations `judge`'s general path applies
@@ -133,9 +142,7 @@ def _judge_last(tokens: torch.Tensor, logits: torch.Tensor, qmark: int, min_conf
     confident = column(failure_last & (p_pred_last >= min_confidence), False)
     judged = torch.zeros(batch, seq, dtype=torch.bool, device=tokens.device)
     judged[:, -1] = True
-    full_logits = torch.zeros(batch, seq, last.shape[-1], device=tokens.device)
-    full_logits[:, -1] = last
-    return Judged(tokens, true, pred, p_true, p_pred, margin, failure, confident, judged, full_logits)
+    return Judged(tokens, true, pred, p_true, p_pred, margin, failure, confident, judged, last.unsqueeze(1))
 
 
 def _judge_all(tokens: torch.Tensor, logits: torch.Tensor, qmark: int, min_confidence: float,

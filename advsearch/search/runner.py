@@ -40,7 +40,7 @@ from advsearch.search.audit import EXPLANATION_COLUMNS, AuditTally
 from advsearch.search.results import FAILURE_COLUMNS, FailureLog, prepare_dir, write_table
 from advsearch.search.shards import ProcessShards, shardable, sharded_steps
 from advsearch.search.steps import Step, local_steps
-from advsearch.search.workers import WorkerPool
+from advsearch.search.workers import PooledEvaluator, WorkerPool
 
 PENDING_PER_WORKER = 2  # steps the loop may run ahead of the writing, per worker
 
@@ -147,11 +147,15 @@ def run_search(
     # are moved out of its reach for the loop's duration (and stay shared with forked workers).
     gc.freeze()
     pool = WorkerPool(workers, list(annotators)) if workers > 1 and annotators else None
+    pooled = None  # with no annotations to take, the workers share the evaluation of each batch
     if backend is not None:
         steps = backend.steps(model, strategy, evaluator, min_confidence, run_id)
     elif workers > 1 and shardable(strategy):
         steps = sharded_steps(ProcessShards(workers, evaluator), model, strategy, evaluator, min_confidence, run_id,
                               str(evaluator.device))  # fmt: skip
+    elif workers > 1 and not annotators:
+        pooled = PooledEvaluator(evaluator, workers - 1)
+        steps = local_steps(strategy, pooled, min_confidence, run_id)
     else:
         steps = local_steps(strategy, evaluator, min_confidence, run_id)
     annotations = Annotations(annotators, pool)
@@ -207,6 +211,8 @@ def run_search(
         steps.close()
         if pool is not None:
             pool.close(kill=bool(pending))  # steps still in hand are dropped (a failure, a second Ctrl-C)
+        if pooled is not None:
+            pooled.close(kill=True)
     bar.close()
     log.close()
     write_json(state_path, {"identity": identity, "finished": True, "csv_bytes": log.offset,

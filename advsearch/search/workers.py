@@ -19,8 +19,12 @@ import os
 import signal
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING
 
 from advsearch.errors import AdvsearchError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAX_AUTO_WORKERS = 8
 
@@ -97,3 +101,44 @@ class WorkerPool:
             for process in list((getattr(self._pool, "_processes", None) or {}).values()):
                 process.kill()
         self._pool.shutdown(wait=not kill, cancel_futures=True)
+
+
+class PooledEvaluator:
+    """An `Evaluator` whose full-forward batches are shared between this process and `workers` forked ones.
+
+    A batch's chunks of `evaluator.batch_size` sequences are cut into consecutive parts, one per process
+    (this one computes the first while the workers compute the others), and the logits are put back
+    together in order. Every chunk is computed exactly as `Evaluator.logits` computes it here (same
+    chunk boundaries, same thread count), so the logits are the same bits. For runs whose workers would
+    otherwise idle: strategies without annotators, whose search loop is the whole run. Prefix-extension
+    batches (the census) stay here: this process's evaluator holds their parents' keys and values.
+    """
+
+    def __init__(self, evaluator, workers: int):
+        self.evaluator, self.device = evaluator, evaluator.device
+        self.pool = WorkerPool(workers, evaluator)
+
+    def evaluate(self, proposal):
+        if proposal.extension:
+            return self.evaluator.evaluate(proposal)
+        import torch
+
+        tokens, size = proposal.tokens, self.evaluator.batch_size
+        chunks = -(-len(tokens) // size)
+        if chunks < 2:
+            return self.evaluator.logits(tokens)
+        first, *rest = tokens.split(-(-chunks // min(self.pool.workers + 1, chunks)) * size)
+        futures = [self.pool.submit(_logits_here, part.numpy()) for part in rest]
+        logits = [self.evaluator.logits(first)]
+        logits += [torch.from_numpy(self.pool.result(f, "an evaluation")) for f in futures]
+        return torch.cat(logits)
+
+    def close(self, kill: bool = False) -> None:
+        self.pool.close(kill)
+
+
+def _logits_here(tokens: np.ndarray) -> np.ndarray:
+    """In a worker: the shared evaluator's logits of `tokens`."""
+    import torch
+
+    return shared().logits(torch.from_numpy(tokens)).numpy()
