@@ -29,8 +29,9 @@ workers_option = click.option(
     "--workers",
     type=click.IntRange(min=1),
     default=None,
-    help="Worker processes: the census is split into shards over them, and explanations and minimization "
-    "run on them while the search goes on; the results are the same for any count. Default: the usable "
+    help="Worker processes: the census is split into shards over them, explanations and minimization "
+    "run on them while the search goes on, and a run without either shares each batch with them; the "
+    "results are the same for any count. Default: the usable "
     "CPU cores (at most 8) on the CPU, 1 (this process) on a GPU or where processes cannot be forked.",
 )
 
