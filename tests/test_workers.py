@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from advsearch.search import shards
+from advsearch.search import shards, workers
 from advsearch.search.workers import can_fork
 
 from .conftest import interrupt_judging, invoke, rows
@@ -133,23 +133,21 @@ def test_an_interrupted_run_with_workers_keeps_its_steps_and_resumes_to_the_same
     resume_to_same_files(GUIDED, challenge_path, out, 2, one_worker / "guided")
 
 
-@pytest.mark.parametrize("workers", [2, 3])
-def test_batches_shared_with_workers_give_the_one_process_bytes(workers, one_worker, challenge_path, tmp_path,
+@pytest.mark.parametrize("n_workers", [2, 3])
+def test_batches_shared_with_workers_give_the_one_process_bytes(n_workers, one_worker, challenge_path, tmp_path,
                                                                 monkeypatch):  # fmt: skip
-    from advsearch.search.workers import WorkerPool, _logits_here
-
-    parts, real = [], WorkerPool.submit
+    parts, real = [], workers.WorkerPool.submit
 
     def counting(self, fn, *args):
-        if fn is _logits_here:
+        if fn is workers._logits_here:
             parts.append(len(args[0]))
         return real(self, fn, *args)
 
-    monkeypatch.setattr(WorkerPool, "submit", counting)
-    run(RANDOM, challenge_path, tmp_path / "random", workers)
+    monkeypatch.setattr(workers.WorkerPool, "submit", counting)
+    run(RANDOM, challenge_path, tmp_path / "random", n_workers)
     same_files(tmp_path / "random", one_worker / "random")
     # the run computes the first part of each batch, its workers-1 workers the others
-    assert parts == ([2048, 392] if workers == 2 else [1536, 1024, 392])
+    assert parts == ([2048, 392] if n_workers == 2 else [1536, 1024, 392])
 
 
 def test_an_interrupted_run_sharing_its_batches_resumes_to_the_same_bytes(one_worker, challenge_path, tmp_path,
@@ -167,8 +165,6 @@ def test_a_worker_that_dies_is_a_one_line_error(challenge_path, tmp_path, monkey
     line = one_line_error(invoke(*CENSUS, "--model", challenge_path, "--out", tmp_path / "c", "--workers", 2))
     assert "worker process died" in line and "census shard" in line and "resuming" in line
     assert json.loads((tmp_path / "c" / "state.json").read_text())["finished"] is False
-    from advsearch.search import workers
-
     monkeypatch.setattr(workers, "shared", lambda: os._exit(3))  # in the forked worker, at its first part
     line = one_line_error(invoke(*RANDOM, "--model", challenge_path, "--out", tmp_path / "r", "--workers", 2))
     assert "worker process died" in line and "evaluation" in line and "resuming" in line

@@ -115,7 +115,7 @@ class PooledEvaluator:
     """
 
     def __init__(self, evaluator, workers: int):
-        self.evaluator, self.device = evaluator, evaluator.device
+        self.evaluator = evaluator
         self.pool = WorkerPool(workers, evaluator)
 
     def evaluate(self, proposal):
