@@ -119,14 +119,12 @@ class PooledEvaluator:
         self.pool = WorkerPool(workers, evaluator)
 
     def evaluate(self, proposal):
-        if proposal.extension:
-            return self.evaluator.evaluate(proposal)
         import torch
 
         tokens, size = proposal.tokens, self.evaluator.batch_size
         chunks = -(-len(tokens) // size)
-        if chunks < 2:
-            return self.evaluator.logits(tokens)
+        if proposal.extension or chunks < 2:
+            return self.evaluator.evaluate(proposal)
         first, *rest = tokens.split(-(-chunks // min(self.pool.workers + 1, chunks)) * size)
         futures = [self.pool.submit(_logits_here, part.numpy()) for part in rest]
         logits = [self.evaluator.logits(first)]
